@@ -114,7 +114,7 @@ class Dataset:
         return [s.id for s in self.samples]
 
     def read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        """(RGB uint8 image, leaf-value label map) of one sample; values outside the tree -> ignore."""
+        """(RGB uint8 image, leaf-value label map); mask values outside the tree -> ignore."""
         if sample.image_path is None:
             raise ImageReadError(self.root / sample.id, self._missing_image_reason(sample))
         if sample.mask_path is None:
@@ -190,12 +190,15 @@ class PascalPersonPart(Dataset):
         samples = []
         for sid in _read_id_list(id_file):
             image = images / f"{sid}.jpg"
-            mask = next((m for m in (masks / f"{sid}.png", masks / f"{sid}.npy") if m.exists()), None)
+            mask = next(
+                (m for m in (masks / f"{sid}.png", masks / f"{sid}.npy") if m.exists()), None
+            )
             samples.append(Sample(sid, image if image.exists() else None, mask))
         return samples
 
     def _missing_image_reason(self, sample: Sample) -> str:
-        return f"id '{sample.id}' is listed in {self.split}_id.txt but JPEGImages/{sample.id}.jpg is absent"
+        listed = f"{self.split}_id.txt"
+        return f"id '{sample.id}' is listed in {listed} but JPEGImages/{sample.id}.jpg is absent"
 
 
 class PersonFolder(Dataset):
@@ -311,12 +314,20 @@ def check_dataset(dataset: Dataset, progress: Callable[[int], None] | None = Non
 # -- statistics ------------------------------------------------------------------------------
 
 
+#: Connected body regions smaller than this many pixels are annotation specks, not people.
+MIN_REGION_PIXELS = 64
+
+
 def person_regions(labels: np.ndarray, tree: Tree) -> np.ndarray:
-    """Share of the image covered by each connected non-background region (8-connectivity)."""
+    """Share of the image covered by each connected non-background region (8-connectivity).
+
+    Regions under ``MIN_REGION_PIXELS`` are left out: they are stray labelled pixels.
+    """
     bg = tree.background.value
     person = ((labels != bg) & (labels != IGNORE_VALUE)).astype(np.uint8)
     count, _, stats, _ = cv2.connectedComponentsWithStats(person, connectivity=8)
-    return stats[1:count, cv2.CC_STAT_AREA] / float(labels.size)
+    areas = stats[1:count, cv2.CC_STAT_AREA]
+    return areas[areas >= MIN_REGION_PIXELS] / float(labels.size)
 
 
 def size_bucket(share: float) -> str:
@@ -337,7 +348,8 @@ class DatasetStats:
         assert self.leaf_pixels is not None
         level = self.tree.level(k)
         counts = np.bincount(
-            level.lut[self.tree.values], weights=self.leaf_pixels[self.tree.values],
+            level.lut[self.tree.values],
+            weights=self.leaf_pixels[self.tree.values],
             minlength=len(level.nodes),
         )
         total = counts.sum() or 1.0

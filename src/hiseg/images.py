@@ -51,7 +51,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageReadError(path, "not an image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
         reason = str(err) or type(err).__name__
-        if "truncated" in reason:
+        if "truncated" in reason.lower():
             reason = f"truncated image data ({reason})"
         raise ImageReadError(path, reason) from None
     return img
@@ -120,4 +120,3 @@ def read_mask(path: str | Path) -> np.ndarray:
             raise ImageReadError(path, f"mask holds non-integer values ({arr.dtype})")
         arr = arr.astype(np.int64)
     return arr
-

@@ -65,7 +65,9 @@ class ConfusionMatrix:
             level = self.tree.level(k)
             iou, dice = iou_dice(self.level_matrix(k))
             levels[str(k)] = {
-                "miou": nanmean([v for n, v in zip(level.names, iou, strict=True) if n != BACKGROUND]),
+                "miou": nanmean(
+                    [v for n, v in zip(level.names, iou, strict=True) if n != BACKGROUND]
+                ),
                 "iou": {n: none_if_nan(v) for n, v in zip(level.names, iou, strict=True)},
                 "dice": {n: none_if_nan(v) for n, v in zip(level.names, dice, strict=True)},
             }

@@ -138,7 +138,10 @@ class Tree:
                 out["children"] = [node_dict(c) for c in node.children]
             return out
 
-        spec: dict[str, Any] = {"name": self.name, "nodes": [node_dict(c) for c in self.root.children]}
+        spec: dict[str, Any] = {
+            "name": self.name,
+            "nodes": [node_dict(c) for c in self.root.children],
+        }
         if self.value_map:
             spec["value_map"] = dict(self.value_map)
         return spec
@@ -159,7 +162,9 @@ class Tree:
             if node.is_leaf and node.value is None:
                 raise TreeError(f"leaf '{node.name}' has no value")
             if not node.is_leaf and node.value is not None:
-                raise TreeError(f"inner node '{node.name}' has a value ({node.value}); only leaves do")
+                raise TreeError(
+                    f"inner node '{node.name}' has a value ({node.value}); only leaves do"
+                )
             if node.value is not None:
                 if not 0 <= node.value < IGNORE_VALUE:
                     raise TreeError(
@@ -232,7 +237,7 @@ class Tree:
         return [a.name for a in self.nodes[name].ancestors()]
 
     def leaf_index(self, values: np.ndarray) -> np.ndarray:
-        """Leaf values -> dense indices 0..num_leaves-1 (model output channels); -1 for non-leaves."""
+        """Leaf values -> dense indices 0..num_leaves-1 (model channels); -1 for non-leaves."""
         lut = np.full(256, -1, dtype=np.int64)
         lut[self.values] = np.arange(self.num_leaves)
         values = np.asarray(values)
@@ -306,7 +311,11 @@ class Tree:
         """(256, 3) uint8 colours indexed by leaf value, coloured by the node at ``level``."""
         pal = np.zeros((256, 3), dtype=np.uint8)
         for leaf in self.leaves:
-            node = leaf if level is None else self.level(level).nodes[self.level(level).lut[leaf.value]]
+            node = (
+                leaf
+                if level is None
+                else self.level(level).nodes[self.level(level).lut[leaf.value]]
+            )
             pal[leaf.value] = self.color(node.name)
         return pal
 
@@ -356,7 +365,9 @@ def _collect_nodes(
 def builtin_trees() -> list[str]:
     """Names of the trees shipped with hiseg."""
     folder = resources.files("hiseg") / "trees"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_tree(name_or_path: str | Path) -> Tree:

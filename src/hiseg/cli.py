@@ -1,0 +1,243 @@
+"""The ``hiseg`` command line: a thin layer over the Python API, one verb per task."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hiseg import __version__
+from hiseg.data import (
+    FORMATS,
+    DatasetError,
+    check_dataset,
+    dataset_splits,
+    dataset_stats,
+    open_dataset,
+)
+from hiseg.evaluation import EvaluationError, score_prediction_dir
+from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
+
+app = typer.Typer(
+    help="Hierarchical human segmentation: person, upper/lower body and six parts.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Check and describe datasets.", no_args_is_help=True)
+tree_app = typer.Typer(help="Show class trees.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tree_app, name="tree")
+
+console = Console(soft_wrap=True)  # never break a file name across lines
+err_console = Console(stderr=True, soft_wrap=True)
+
+FORMAT_HELP = f"Dataset layout: auto or one of {', '.join(FORMATS)}."
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@contextmanager
+def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A Rich progress bar; yields ``advance(n)``. Hidden when output is not a terminal."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"hiseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """hiseg: hierarchical human segmentation."""
+
+
+# -- tree -------------------------------------------------------------------------------------
+
+
+@tree_app.command("list")
+def tree_list() -> None:
+    """List the builtin class trees."""
+    for name in builtin_trees():
+        console.print(name)
+
+
+@tree_app.command("show")
+def tree_show(tree: str = typer.Argument(..., help="Builtin tree name or tree YAML file.")) -> None:
+    """Print a tree and the nodes of each level."""
+    try:
+        t = load_tree(tree)
+    except TreeError as err:
+        raise fail(str(err)) from None
+    console.print(t.render(), highlight=False)
+    for level in t.levels:
+        console.print(f"level {level.index}: {', '.join(level.names)}", highlight=False)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def _splits(path: Path, split: str | None, fmt: str) -> list[str]:
+    try:
+        return [split] if split else dataset_splits(path, fmt)
+    except DatasetError as err:
+        raise fail(str(err)) from None
+
+
+@data_app.command("check")
+def data_check(
+    path: Path = typer.Argument(..., help="Dataset folder."),
+    split: str | None = typer.Option(None, help="One split (default: every split)."),
+    format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+) -> None:
+    """Check every sample; report each problem with its file. Exit 1 if any."""
+    problems = []
+    for name in _splits(path, split, format):
+        try:
+            dataset = open_dataset(path, name, format)
+        except (DatasetError, TreeError, OSError) as err:
+            raise fail(str(err)) from None
+        with progress_bar(len(dataset), f"checking {name}") as advance:
+            found = check_dataset(dataset, advance)
+        for problem in found:
+            console.print(f"[red]✗[/] {problem}", highlight=False)
+        status = "[green]ok[/]" if not found else f"[red]{len(found)} problem(s)[/]"
+        console.print(f"{dataset.format} {name}: {len(dataset)} samples, {status}", highlight=False)
+        problems.extend(found)
+    if problems:
+        raise typer.Exit(1)
+
+
+@data_app.command("stats")
+def data_stats(
+    path: Path = typer.Argument(..., help="Dataset folder."),
+    split: str | None = typer.Option(None, help="One split (default: every split)."),
+    format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    out: Path = typer.Option(Path("runs/stats"), help="Folder for the PNG and JSON."),
+) -> None:
+    """Image sizes, pixel share per node per level, and person sizes, as tables and a PNG."""
+    for name in _splits(path, split, format):
+        try:
+            dataset = open_dataset(path, name, format)
+        except (DatasetError, TreeError, OSError) as err:
+            raise fail(str(err)) from None
+        with progress_bar(len(dataset), f"reading {name}") as advance:
+            stats = dataset_stats(dataset, advance)
+        summary = stats.to_dict()
+        _print_stats(f"{path.name} / {name}", summary)
+        stem = out / f"{path.resolve().name}_{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        Path(f"{stem}.json").write_text(json.dumps(summary, indent=2))
+        try:
+            png = stats.plot(f"{stem}.png")
+        except ImportError:
+            png = None
+            err_console.print("matplotlib is not installed: no PNG (pip install 'hiseg[plot]')")
+        console.print(f"saved {stem}.json" + (f" and {png}" if png else ""), highlight=False)
+        for problem in stats.skipped:
+            console.print(f"[yellow]skipped[/] {problem}", highlight=False)
+
+
+def _print_stats(title: str, s: dict[str, Any]) -> None:
+    w, h = s["width"], s["height"]
+    console.print(
+        f"[bold]{title}[/]: {s['n_images']} images, width {w['min']}-{w['max']} "
+        f"(median {w['median']:.0f}), height {h['min']}-{h['max']} (median {h['median']:.0f})",
+        highlight=False,
+    )
+    table = Table(title="pixel share per node")
+    table.add_column("level")
+    table.add_column("node")
+    table.add_column("share", justify="right")
+    for k, shares in s["levels"].items():
+        for i, (node, share) in enumerate(shares.items()):
+            table.add_row(k if i == 0 else "", node, f"{share:.2%}")
+        table.add_section()
+    console.print(table)
+    regions = s["person_regions"]
+    table = Table(
+        title=f"person regions ({regions['count']}, median {regions['median_share']:.1%} of image)"
+    )
+    table.add_column("size (share of image)")
+    table.add_column("regions", justify="right")
+    for bucket, count in regions["buckets"].items():
+        table.add_row(bucket, str(count))
+    console.print(table)
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    split: str = typer.Option("val", help="Split to score."),
+    pred_dir: Path = typer.Option(
+        ..., "--pred-dir", help="Folder of <id>.png predicted leaf label maps."
+    ),
+    format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the scores as JSON here."),
+) -> None:
+    """Score predictions per level of the class tree (one confusion matrix over the split)."""
+    try:
+        dataset = open_dataset(data, split, format)
+        with progress_bar(len(dataset), f"scoring {split}") as advance:
+            scores = score_prediction_dir(dataset, pred_dir, advance)
+    except (DatasetError, TreeError) as err:
+        raise fail(str(err)) from None
+    except EvaluationError as err:
+        raise fail(str(err), code=1) from None
+    print_scores(scores)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(scores, indent=2))
+        console.print(f"saved {json_out}", highlight=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def print_scores(scores: dict[str, Any]) -> None:
+    """The per-level table that ``hiseg eval`` prints."""
+    table = Table(title=f"{scores['tree']}: {scores['n_images']} images")
+    table.add_column("level")
+    table.add_column("node")
+    table.add_column("IoU", justify="right")
+    table.add_column("Dice", justify="right")
+    for k, level in scores["levels"].items():
+        for node, iou in level["iou"].items():
+            style = "dim" if node == BACKGROUND else None
+            table.add_row("", node, _fmt(iou), _fmt(level["dice"][node]), style=style)
+        table.add_row(f"mIoU{k}", "(background excluded)", _fmt(level["miou"]), "", style="bold")
+        table.add_section()
+    console.print(table)
+    console.print(
+        f"mIoU over all leaves with background: {_fmt(scores['miou_all_with_background'])}   "
+        f"pixel accuracy: {_fmt(scores['pixel_accuracy'])}",
+        highlight=False,
+    )

@@ -1,0 +1,156 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from hiseg.cli import app
+from hiseg.data import (
+    DatasetError,
+    PascalPersonPart,
+    PersonFolder,
+    check_dataset,
+    dataset_stats,
+    detect_format,
+    open_dataset,
+)
+
+runner = CliRunner()
+
+
+def test_pascal_reader(pascal_root):
+    assert detect_format(pascal_root) == "pascal-person-part"
+    train, val = open_dataset(pascal_root, "train"), open_dataset(pascal_root, "val")
+    assert isinstance(val, PascalPersonPart)
+    assert (len(train), len(val)) == (2826, 353)
+    image, labels = val[0]
+    assert image.dtype == np.uint8 and image.shape[2] == 3
+    assert image.shape[:2] == labels.shape
+    assert set(np.unique(labels)) <= set(range(7))
+
+
+def test_person_folder_reader(picsart_root):
+    assert detect_format(picsart_root) == "person-folder"
+    train, valid = open_dataset(picsart_root, "train"), open_dataset(picsart_root, "valid")
+    assert isinstance(valid, PersonFolder)
+    assert (len(train), len(valid)) == (1150, 150)
+    image, labels = valid[0]
+    assert image.shape == (320, 240, 3) and labels.shape == (320, 240)
+    assert set(np.unique(labels)) == {0, 1}  # 0/255 files read as leaf values 0/1
+
+
+def test_unknown_split_and_layout_are_named(pascal_root, tmp_path):
+    with pytest.raises(DatasetError, match=r"no split 'test'.*splits: \['train', 'val'\]"):
+        open_dataset(pascal_root, "test")
+    with pytest.raises(DatasetError, match="unknown dataset layout"):
+        open_dataset(tmp_path, "val")
+
+
+def make_pascal_copy(pascal_root, dest, n=6):
+    """A small copy of the val split in a temp dir, to corrupt."""
+    ids = (pascal_root / "val_id.txt").read_text().split()[:n]
+    (dest / "JPEGImages").mkdir(parents=True)
+    (dest / "gt_masks").mkdir()
+    for sid in ids:
+        shutil.copy(pascal_root / "JPEGImages" / f"{sid}.jpg", dest / "JPEGImages")
+        shutil.copy(pascal_root / "gt_masks" / f"{sid}.png", dest / "gt_masks")
+    (dest / "val_id.txt").write_text("\n".join(ids) + "\n")
+    return ids
+
+
+def test_check_reports_every_problem_by_name(pascal_root, tmp_path):
+    root = tmp_path / "ppp"
+    ids = make_pascal_copy(pascal_root, root)
+    result = runner.invoke(app, ["data", "check", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "6 samples, ok" in result.output
+
+    truncated = root / "JPEGImages" / f"{ids[0]}.jpg"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    bad_value = root / "gt_masks" / f"{ids[1]}.png"
+    mask = np.array(Image.open(bad_value))
+    mask[0, 0] = 9
+    Image.fromarray(mask).save(bad_value)
+    (root / "gt_masks" / f"{ids[2]}.png").unlink()
+    resized = root / "gt_masks" / f"{ids[3]}.png"
+    Image.open(resized).resize((50, 40), Image.NEAREST).save(resized)
+    (root / "JPEGImages" / f"{ids[4]}.jpg").unlink()
+    with (root / "val_id.txt").open("a") as f:
+        f.write("2099_999999\n")
+
+    problems = check_dataset(open_dataset(root, "val"))
+    text = "\n".join(map(str, problems))
+    assert f"{ids[0]}.jpg: truncated" in text
+    assert f"{ids[1]}.png: label values [9] are not in tree" in text
+    assert f"{ids[2]}.jpg: mask is missing" in text
+    assert f"{ids[3]}.png: mask is 50x40 but image {ids[3]}.jpg is" in text
+    assert f"id '{ids[4]}' is listed in val_id.txt but JPEGImages/{ids[4]}.jpg is absent" in text
+    assert "id '2099_999999' is listed" in text
+    assert f"{ids[5]}" not in text  # the one clean sample is not reported
+
+    result = runner.invoke(app, ["data", "check", str(root)])
+    assert result.exit_code == 1
+    for sid in ids[:5]:
+        assert sid in result.output
+
+
+def test_folder_format_with_its_own_tree(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tree = {"name": "toy", "nodes": [{"name": "background", "value": 0},
+                                      {"name": "thing", "value": 3}]}
+    (tmp_path / "tree.yaml").write_text(yaml.safe_dump(tree))
+    for i in range(3):
+        image = Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8))
+        image.save(tmp_path / "images" / f"{i}.png")
+        mask = np.zeros((20, 30), np.uint8)
+        mask[5:10, 5:15] = 3 if i < 2 else 4
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.png")
+    ds = open_dataset(tmp_path, "all")
+    assert ds.format == "folder" and ds.tree.name == "toy" and len(ds) == 3
+    problems = check_dataset(ds)
+    assert [p.path.name for p in problems] == ["2.png"]
+    assert "label values [4]" in problems[0].reason
+
+
+def test_stats_on_real_val(pascal_root, tmp_path):
+    stats = dataset_stats(open_dataset(pascal_root, "val"))
+    summary = stats.to_dict()
+    assert summary["n_images"] == 353
+    for k in range(3):
+        assert sum(summary["levels"][str(k)].values()) == pytest.approx(1.0)
+    buckets = summary["person_regions"]["buckets"]
+    assert sum(buckets.values()) == summary["person_regions"]["count"] > 353
+    assert buckets["<1%"] > 0  # the small people every seed project missed
+
+    result = runner.invoke(app, ["data", "stats", str(pascal_root), "--split", "val",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "pascal-person-part_val.png"
+    assert png.stat().st_size > 10_000
+    assert json.loads((tmp_path / "pascal-person-part_val.json").read_text()) == summary
+
+
+def test_eval_prediction_dir(pascal_root, tmp_path):
+    ids = make_pascal_copy(pascal_root, tmp_path / "ppp", n=5)
+    ds = open_dataset(tmp_path / "ppp", "val")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for sample in ds.samples:
+        Image.fromarray(ds.read_labels(sample)).save(preds / f"{sample.id}.png")
+    out = tmp_path / "scores.json"
+    args = ["eval", "--data", str(tmp_path / "ppp"), "--split", "val", "--pred-dir", str(preds)]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    assert scores["n_images"] == 5
+    assert [scores["levels"][k]["miou"] for k in "012"] == [1.0, 1.0, 1.0]
+    assert "mIoU2" in result.output
+
+    (preds / f"{ids[3]}.png").unlink()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert ids[3] in result.output and "no prediction" in result.output

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import yaml
+
+from hiseg.taxonomy import IGNORE_VALUE, Tree, TreeError, builtin_trees, load_tree
+
+PPP = load_tree("pascal-person-part")
+
+
+def test_builtins_listed():
+    assert builtin_trees() == ["pascal-person-part", "person"]
+
+
+def test_pascal_levels_follow_the_task_definition():
+    assert [lv.names for lv in PPP.levels] == [
+        ["background", "body"],
+        ["background", "upper_body", "lower_body"],
+        ["background", "head", "torso", "up_hand", "low_hand", "up_leg", "low_leg"],
+    ]
+    # classes.txt: 0 bg, 1 low_hand, 2 torso, 3 low_leg, 4 head, 5 up_leg, 6 up_hand
+    level1 = PPP.level(1)
+    names = [level1.names[i] for i in level1.map(np.arange(7))]
+    assert names == ["background", "upper_body", "upper_body", "lower_body", "upper_body",
+                     "lower_body", "upper_body"]
+    level2 = PPP.level(2)
+    assert [level2.names[i] for i in level2.map(np.arange(7))] == [
+        "background", "low_hand", "torso", "low_leg", "head", "up_leg", "up_hand"]
+    assert level2.lut[9] == -1 and level2.lut[IGNORE_VALUE] == -1
+
+
+def test_ancestors_children_and_colours():
+    assert PPP.ancestors("low_leg") == ["lower_body", "body"]
+    assert PPP.ancestors("background") == []
+    assert PPP.children("upper_body") == ["head", "torso", "up_hand", "low_hand"]
+    colours = {PPP.color(n) for n in PPP.nodes}
+    assert len(colours) == len(PPP.nodes)
+    assert PPP.color("background") == (0, 0, 0)
+    assert load_tree("pascal-person-part").color("head") == PPP.color("head")
+
+
+def test_person_tree_maps_255_to_1():
+    tree = load_tree("person")
+    raw = np.array([[0, 255], [1, 7]], dtype=np.uint8)
+    assert tree.encode_mask(raw).tolist() == [[0, 1], [1, IGNORE_VALUE]]
+    assert tree.unknown_values(raw) == [7]
+    assert tree.is_binary and tree.num_levels == 1
+
+
+NESTED = """
+name: toy
+nodes:
+  - {name: background, value: 0}
+  - name: thing
+    children:
+      - {name: a, value: 1}
+      - {name: b, value: 2}
+"""
+FLAT = """
+name: toy
+nodes:
+  - {name: background, value: 0}
+  - {name: thing}
+  - {name: a, value: 1, parent: thing}
+  - {name: b, value: 2, parent: thing}
+"""
+
+
+def test_nested_and_flat_yaml_give_the_same_tree(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text(FLAT)
+    flat = load_tree(path)
+    nested = Tree.from_dict(yaml.safe_load(NESTED))
+    assert flat.to_dict() == nested.to_dict()
+    assert Tree.from_dict(flat.to_dict()).to_dict() == flat.to_dict()
+
+
+@pytest.mark.parametrize(
+    "nodes, message",
+    [
+        ([{"name": "background", "value": 0}, {"name": "background", "value": 1}],
+         "duplicate node name 'background'"),
+        ([{"name": "background", "value": 0}, {"name": "x", "value": 0}], "duplicate value 0"),
+        ([{"name": "background", "value": 0}, {"name": "x"}], "leaf 'x' has no value"),
+        ([{"name": "background", "value": 0},
+          {"name": "x", "value": 3, "children": [{"name": "y", "value": 1}]}],
+         "inner node 'x' has a value"),
+        ([{"name": "a", "value": 0}, {"name": "b", "value": 1}], "no 'background' leaf"),
+        ([{"name": "background", "value": 0}, {"name": "y", "value": 1, "parent": "nope"}],
+         "unknown parent 'nope'"),
+        ([{"name": "background", "value": 0}, {"name": "x", "value": 255}], "values must lie"),
+    ],
+)
+def test_invalid_trees_name_the_fault(tmp_path, nodes, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "nodes": nodes}))
+    with pytest.raises(TreeError, match=message) as err:
+        load_tree(path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_tree_name_lists_builtins():
+    with pytest.raises(TreeError, match="builtin: pascal-person-part, person"):
+        load_tree("no-such-tree")
+
+
+def test_decode_is_top_down_consistent():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(7) * 0.3, size=(40, 50)).transpose(2, 0, 1)
+    # one pixel where the single likeliest leaf is background but body as a whole wins
+    probs[:, 0, 0] = [0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    labels = PPP.decode(probs)
+    assert labels[0, 0] != 0
+    for k in range(PPP.num_levels):
+        level_probs = np.tensordot(PPP.membership(k).T, probs, axes=1)
+        chosen = PPP.level(k).map(labels)
+        if k == 0:
+            np.testing.assert_array_equal(chosen, level_probs.argmax(0))
+        else:  # the chosen node lies inside the node chosen one level up
+            parent = PPP.level(k - 1).map(labels)
+            assert (PPP._parent_index(k)[chosen] == parent).all()
+
+
+def test_palette_colours_by_level():
+    pal = PPP.palette(level=0)
+    assert (pal[[1, 2, 3, 4, 5, 6]] == PPP.color("body")).all()
+    assert (PPP.palette()[4] == PPP.color("head")).all()
