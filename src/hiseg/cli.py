@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hiseg import __version__
+from hiseg.config import ConfigError, load_config
 from hiseg.data import (
     FORMATS,
     DatasetError,
@@ -241,3 +242,31 @@ def print_scores(scores: dict[str, Any]) -> None:
         f"pixel accuracy: {_fmt(scores['pixel_accuracy'])}",
         highlight=False,
     )
+
+
+# -- train ------------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Argument(..., help="Training config YAML (see configs/)."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Config overrides as key.sub=value, e.g. trainer.max_epochs=2."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last.ckpt."),
+    track: bool = typer.Option(True, "--track/--no-track", help="MLflow tracking."),
+) -> None:
+    """Train a model; checkpoints go to <out_dir>/<name>/ (best.ckpt, last.ckpt)."""
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    try:
+        from hiseg.training import run_dir, train
+    except ImportError as err:
+        raise fail(f"training needs the train extra: pip install 'hiseg[train]' ({err})") from None
+    try:
+        train(cfg, resume=resume, track=track)
+    except (DatasetError, TreeError, FileNotFoundError, FileExistsError) as err:
+        raise fail(str(err)) from None
+    console.print(f"checkpoints saved to {run_dir(cfg)}/ (best.ckpt, last.ckpt, history.csv)")

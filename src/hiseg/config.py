@@ -1,0 +1,124 @@
+"""Training configuration: YAML files over defaults, with ``key.sub=value`` overrides.
+
+Every key a user may set is in :data:`DEFAULTS`; an unknown key is an error that names it, so a
+typo never silently trains with the default.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,  # run name; default: the config file's stem
+    "out_dir": "runs",  # checkpoints go to <out_dir>/<name>/
+    "seed": 0,
+    "data": {
+        "root": None,
+        "format": "auto",
+        "train_split": "train",
+        "val_split": "val",
+        "crop_size": 320,  # training crops are crop_size x crop_size
+        "scale": [0.5, 1.5],  # random rescale range before cropping
+        "person_crop_prob": 0.7,  # share of crops centred on a person region
+        "rotate_deg": 0,
+        "hflip": True,
+        "color": True,
+        "val_long_side": 512,  # validation resizes the long side to this
+        "batch_size": 8,
+        "num_workers": 2,
+        "limit_val_images": None,  # score only the first N val images (for quick runs)
+    },
+    "model": {"arch": "fpn", "encoder": "tf_efficientnet_lite0", "pretrained": True},
+    "loss": {"kind": "ce", "level_weights": None, "dice": 0.0, "lovasz": 0.0, "tree_min": 0.0},
+    "optim": {
+        "lr": 1.0e-3,  # decoder and head
+        "encoder_lr": 3.0e-4,
+        "weight_decay": 1.0e-4,
+        "warmup_steps": 100,
+        "schedule": "cosine",  # or "poly"
+        "min_lr_ratio": 0.01,
+    },
+    "trainer": {
+        "max_epochs": 10,
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",  # "ddp" for several GPUs or nodes
+        "precision": "bf16-mixed",
+        "channels_last": True,
+        "threads": None,  # torch intra-op threads on CPU; default: all cores
+        "early_stopping_patience": 0,  # epochs without improvement; 0 = off
+        "checkpoint_every_n_steps": 200,  # also refresh last.ckpt within long epochs
+        "limit_train_batches": None,
+        "log_every_n_steps": 10,
+        "progress_bar": True,
+    },
+    "tracking": {
+        "mlflow": True,
+        "uri": "sqlite:///runs/mlflow.db",
+        "experiment": "hiseg",
+        "sample_images": 4,  # val predictions logged as images each epoch
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else key
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"unknown config key '{path}' (known here: {known})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+            _merge(base[key], value, path)
+        else:
+            base[key] = value
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` -> ``{"a": {"b": value}}``, the value parsed as YAML (numbers, lists...)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Defaults, then the YAML file, then the overrides; validated."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            spec = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        try:
+            _merge(config, spec, "")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        config["name"] = config["name"] or path.stem
+    for text in overrides:
+        _merge(config, parse_override(text), "")
+    if not config["data"]["root"]:
+        raise ConfigError("data.root is not set (the dataset folder)")
+    config["name"] = config["name"] or "run"
+    return config

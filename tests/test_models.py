@@ -1,0 +1,159 @@
+"""Model factory: offline EfficientNet-Lite ImageNet weights, every architecture, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="hiseg.models needs the 'train' extra (torch)")
+pytest.importorskip("segmentation_models_pytorch", reason="needs the 'train' extra")
+timm = pytest.importorskip("timm", reason="needs the 'train' extra")
+
+from hiseg import models  # noqa: E402
+from hiseg.models import (  # noqa: E402
+    ARCHITECTURES,
+    create_model,
+    load_lite_imagenet_state,
+    model_from_config,
+    preprocessing,
+)
+from hiseg.taxonomy import load_tree  # noqa: E402
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return load_tree("pascal-person-part")
+
+
+@pytest.fixture(scope="module")
+def lite0_state():
+    return load_lite_imagenet_state(LITE0)
+
+
+def test_lite0_weights_classify_chelsea_as_egyptian_cat(lite0_state):
+    data = pytest.importorskip("skimage.data", reason="needs scikit-image (dev extra)")
+    net = timm.create_model(LITE0, pretrained=False).eval()
+    net.load_state_dict(lite0_state, strict=True)
+    image = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
+    image = torch.nn.functional.interpolate(
+        image, size=(224, 224), mode="bilinear", antialias=True, align_corners=False
+    )
+    with torch.no_grad():
+        logits = net((image - 0.5) / 0.5)
+    assert logits.argmax(1).item() == 285  # ImageNet "Egyptian cat"
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tu-tf_efficientnet_lite2"])
+def test_lite1_lite2_states_fit_timm(name):
+    state = load_lite_imagenet_state(name)
+    net = timm.create_model(name.removeprefix("tu-"), pretrained=False)
+    net.load_state_dict(state, strict=True)
+
+
+def test_pretrained_lite_encoder_holds_the_mapped_weights(tree, lite0_state):
+    keys = [
+        "conv_stem.weight",
+        "bn1.running_var",
+        "blocks.3.1.conv_dw.weight",
+        "blocks.6.0.bn3.bias",
+    ]
+    loaded = create_model("fpn", LITE0, tree, pretrained=True).net.encoder.model.state_dict()
+    for key in keys:
+        assert torch.equal(loaded[key], lite0_state[key]), key
+    fresh = create_model("fpn", LITE0, tree, pretrained=False).net.encoder.model.state_dict()
+    assert not torch.equal(fresh["conv_stem.weight"], lite0_state["conv_stem.weight"])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_outputs_leaf_logits(tree, arch):
+    model = create_model(arch.upper(), LITE0, tree, pretrained=False).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 128, 160))
+    assert out.shape == (2, tree.num_leaves, 128, 160) == (2, 7, 128, 160)
+
+
+def test_input_size_need_not_be_a_multiple_of_32(tree):
+    model = create_model("unet", LITE0, tree, pretrained=False).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 100, 75)).shape == (1, 7, 100, 75)
+
+
+def test_config_rebuilds_an_identical_model(tree):
+    model = create_model("fpn", f"tu-{LITE0}", tree, pretrained=False).eval()
+    config = json.loads(json.dumps(model.config()))  # as stored in a checkpoint
+    assert config["arch"] == "fpn" and config["encoder"] == f"tu-{LITE0}"
+    assert config["mean"] == config["std"] == [0.5, 0.5, 0.5] and config["output_stride"] == 32
+    rebuilt = model_from_config(config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.tree_name == model.tree_name == "pascal-person-part"
+    assert [n.name for n in rebuilt.tree.leaves] == [n.name for n in tree.leaves]
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+
+
+def test_preprocessing_per_encoder():
+    lite = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    assert preprocessing(LITE0) == preprocessing(f"tu-{LITE0}") == lite
+    assert preprocessing("resnet18") == {
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+    }
+
+
+def test_unknown_names_list_the_known_ones(tree):
+    with pytest.raises(ValueError, match="known: fpn, deeplabv3plus"):
+        create_model("no-such-arch", LITE0, tree, pretrained=False)
+    with pytest.raises(ValueError, match=r"unknown encoder 'no-such-encoder'.*resnet18"):
+        create_model("fpn", "no-such-encoder", tree, pretrained=False)
+    with pytest.raises(ValueError, match="'linknet' cannot use encoder 'mit_b0'"):
+        create_model("linknet", "mit_b0", tree, pretrained=False)
+
+
+def test_offline_download_fails_fast_and_clearly(tree):
+    from huggingface_hub import constants as hf
+
+    offline_before = hf.HF_HUB_OFFLINE
+    start = time.monotonic()
+    try:
+        create_model("fpn", "resnet18", tree, pretrained=True)
+    except RuntimeError as err:
+        message = str(err)
+    else:
+        pytest.skip("resnet18 weights were downloaded or cached: this machine is online")
+    assert time.monotonic() - start < 30
+    assert "'resnet18'" in message and "pretrained=False" in message
+    assert "tf_efficientnet_lite0" in message
+    assert socket.getdefaulttimeout() is None and hf.HF_HUB_OFFLINE is offline_before  # restored
+
+
+@pytest.fixture
+def silent_server():
+    """An HTTP endpoint that accepts connections and never answers, like a blackholing proxy."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def test_a_silent_weight_host_does_not_hang_create_model(tree, silent_server, monkeypatch):
+    from huggingface_hub import constants as hf
+
+    monkeypatch.setattr(models, "DOWNLOAD_TIMEOUT", 1.0)
+    monkeypatch.setattr(hf, "ENDPOINT", silent_server)
+    start = time.monotonic()
+    assert not models._reachable(silent_server, 1.0)
+    assert time.monotonic() - start < 2.5
+    try:
+        create_model("deeplabv3plus", "tu-resnet18", tree, pretrained=True)
+    except RuntimeError as err:
+        assert "'tu-resnet18'" in str(err) and "unreachable" in str(err)
+    else:
+        pytest.skip("tu-resnet18 weights are cached")
+    assert time.monotonic() - start < 10
