@@ -100,8 +100,10 @@ def test_check_reports_every_problem_by_name(pascal_root, tmp_path):
 def test_folder_format_with_its_own_tree(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    tree = {"name": "toy", "nodes": [{"name": "background", "value": 0},
-                                      {"name": "thing", "value": 3}]}
+    tree = {
+        "name": "toy",
+        "nodes": [{"name": "background", "value": 0}, {"name": "thing", "value": 3}],
+    }
     (tmp_path / "tree.yaml").write_text(yaml.safe_dump(tree))
     for i in range(3):
         image = Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8))
@@ -126,8 +128,9 @@ def test_stats_on_real_val(pascal_root, tmp_path):
     assert sum(buckets.values()) == summary["person_regions"]["count"] > 353
     assert buckets["<1%"] > 0  # the small people every seed project missed
 
-    result = runner.invoke(app, ["data", "stats", str(pascal_root), "--split", "val",
-                                 "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["data", "stats", str(pascal_root), "--split", "val", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     png = tmp_path / "pascal-person-part_val.png"
     assert png.stat().st_size > 10_000

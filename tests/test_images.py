@@ -48,7 +48,8 @@ def test_exif_rotation_is_applied(tmp_path):
 def test_failures_name_file_and_reason(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        buf, "JPEG")
+        buf, "JPEG"
+    )
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(buf.getvalue()[:400])
     text = tmp_path / "notes.jpg"

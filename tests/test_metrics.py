@@ -110,8 +110,13 @@ def test_cross_check_with_sklearn_on_real_masks(pascal_root):
     for k in range(3):
         level = PPP.level(k)
         m = sk.confusion_matrix(level.lut[t], level.lut[p], labels=range(len(level.nodes)))
-        iou = sk.jaccard_score(level.lut[t], level.lut[p], labels=range(len(level.nodes)),
-                               average=None, zero_division=0)
+        iou = sk.jaccard_score(
+            level.lut[t],
+            level.lut[p],
+            labels=range(len(level.nodes)),
+            average=None,
+            zero_division=0,
+        )
         iou = np.where(m.sum(0) + m.sum(1) > 0, iou, np.nan)  # absent from both: undefined
         np.testing.assert_array_equal(cm.level_matrix(k), m)
         for name, value in zip(level.names, iou, strict=True):

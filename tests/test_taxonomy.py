@@ -20,11 +20,25 @@ def test_pascal_levels_follow_the_task_definition():
     # classes.txt: 0 bg, 1 low_hand, 2 torso, 3 low_leg, 4 head, 5 up_leg, 6 up_hand
     level1 = PPP.level(1)
     names = [level1.names[i] for i in level1.map(np.arange(7))]
-    assert names == ["background", "upper_body", "upper_body", "lower_body", "upper_body",
-                     "lower_body", "upper_body"]
+    assert names == [
+        "background",
+        "upper_body",
+        "upper_body",
+        "lower_body",
+        "upper_body",
+        "lower_body",
+        "upper_body",
+    ]
     level2 = PPP.level(2)
     assert [level2.names[i] for i in level2.map(np.arange(7))] == [
-        "background", "low_hand", "torso", "low_leg", "head", "up_leg", "up_hand"]
+        "background",
+        "low_hand",
+        "torso",
+        "low_leg",
+        "head",
+        "up_leg",
+        "up_hand",
+    ]
     assert level2.lut[9] == -1 and level2.lut[IGNORE_VALUE] == -1
 
 
@@ -77,16 +91,24 @@ def test_nested_and_flat_yaml_give_the_same_tree(tmp_path):
 @pytest.mark.parametrize(
     "nodes, message",
     [
-        ([{"name": "background", "value": 0}, {"name": "background", "value": 1}],
-         "duplicate node name 'background'"),
+        (
+            [{"name": "background", "value": 0}, {"name": "background", "value": 1}],
+            "duplicate node name 'background'",
+        ),
         ([{"name": "background", "value": 0}, {"name": "x", "value": 0}], "duplicate value 0"),
         ([{"name": "background", "value": 0}, {"name": "x"}], "leaf 'x' has no value"),
-        ([{"name": "background", "value": 0},
-          {"name": "x", "value": 3, "children": [{"name": "y", "value": 1}]}],
-         "inner node 'x' has a value"),
+        (
+            [
+                {"name": "background", "value": 0},
+                {"name": "x", "value": 3, "children": [{"name": "y", "value": 1}]},
+            ],
+            "inner node 'x' has a value",
+        ),
         ([{"name": "a", "value": 0}, {"name": "b", "value": 1}], "no 'background' leaf"),
-        ([{"name": "background", "value": 0}, {"name": "y", "value": 1, "parent": "nope"}],
-         "unknown parent 'nope'"),
+        (
+            [{"name": "background", "value": 0}, {"name": "y", "value": 1, "parent": "nope"}],
+            "unknown parent 'nope'",
+        ),
         ([{"name": "background", "value": 0}, {"name": "x", "value": 255}], "values must lie"),
     ],
 )

@@ -82,7 +82,26 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
                 raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
             _merge(base[key], value, path)
         else:
-            base[key] = value
+            base[key] = _coerce(path, base[key], value)
+
+
+def _coerce(path: str, default: Any, value: Any) -> Any:
+    """Check a value against its default's type; YAML reads ``1e-3`` as a string, so parse it."""
+    if default is None or value is None or isinstance(default, str):
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, (int, float)):
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is not None:
+            return int(number) if isinstance(default, int) and number.is_integer() else number
+    elif isinstance(default, list) and isinstance(value, list):
+        return value
+    raise ConfigError(f"config key '{path}' expects {type(default).__name__}, got {value!r}")
 
 
 def parse_override(text: str) -> dict[str, Any]:

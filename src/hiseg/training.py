@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,39 @@ class History(Callback):
             if key.startswith("val/miou") or key in ("val/score", "train/loss_epoch"):
                 row[key.split("/")[1]] = round(float(value), 5)
         new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+class LogProgress(Callback):
+    """Plain log lines for runs without a progress bar (background runs logging to a file)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.every or not trainer.is_global_zero:
+            return
+        rate = (batch_idx + 1) * len(batch[0]) / (time.perf_counter() - self.start)
+        loss = float(trainer.callback_metrics.get("train/loss_step", float("nan")))
+        print(
+            f"epoch {trainer.current_epoch} batch {batch_idx + 1}/{trainer.num_training_batches} "
+            f"loss {loss:.4f} {rate:.1f} img/s",
+            flush=True,
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            scores = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
+            print(f"epoch {trainer.current_epoch} done: {scores}", flush=True)
 
 
 class SampleImages(Callback):
@@ -269,6 +298,8 @@ def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Traine
         ),
         History(folder / "history.csv"),
     ]
+    if not t["progress_bar"]:
+        callbacks.append(LogProgress(t["log_every_n_steps"]))
     if t["early_stopping_patience"]:
         callbacks.append(
             EarlyStopping(monitor="val/score", mode="max", patience=t["early_stopping_patience"])

@@ -1,0 +1,144 @@
+"""A real but tiny training run on a few shared images (Pascal-Person-Part val images)."""
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hiseg.config import ConfigError, load_config  # noqa: E402
+from hiseg.models import load_checkpoint  # noqa: E402
+from hiseg.training import AtomicCheckpointIO, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_data(pascal_root, tmp_path_factory):
+    """8 train and 3 val images of the real data, in the prepared-release layout."""
+    root = tmp_path_factory.mktemp("ppp")
+    ids = (pascal_root / "val_id.txt").read_text().split()[:11]
+    for sub in ("JPEGImages", "gt_masks"):
+        (root / sub).mkdir()
+    for sid in ids:
+        shutil.copy(pascal_root / "JPEGImages" / f"{sid}.jpg", root / "JPEGImages")
+        shutil.copy(pascal_root / "gt_masks" / f"{sid}.png", root / "gt_masks")
+    (root / "train_id.txt").write_text("\n".join(ids[:8]))
+    (root / "val_id.txt").write_text("\n".join(ids[8:]))
+    return root
+
+
+def tiny_config(data, out, **extra):
+    overrides = [
+        f"data.root={data}",
+        f"out_dir={out}",
+        "name=tiny",
+        "data.crop_size=128",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.val_long_side=160",
+        "data.scale=[0.4, 0.6]",
+        "optim.lr=3e-3",
+        "optim.encoder_lr=1e-3",
+        "optim.warmup_steps=1",
+        "trainer.max_epochs=6",
+        "trainer.precision=32-true",
+        "trainer.progress_bar=false",
+        "tracking.mlflow=false",
+        "tracking.sample_images=1",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
+    return load_config("configs/pascal-person-part.yaml", overrides)
+
+
+def history(folder):
+    with (folder / "history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_checkpoints_reload_and_resume(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path)
+    task = train(config, track=False)
+    folder = tmp_path / "tiny"
+    rows = history(folder)
+    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    losses = [float(r["loss_epoch"]) for r in rows]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+    # the checkpoint alone rebuilds the model: identical predictions
+    model, meta = load_checkpoint(folder / "last.ckpt")
+    assert meta["model"]["tree"]["name"] == "pascal-person-part" and meta["long_side"] == 160
+    x = torch.randn(1, 3, 96, 128)
+    task.model.eval()
+    with torch.no_grad():
+        reloaded, trained = model(x), task.model(x)
+    # channels_last (training) vs contiguous (reloaded) convolutions differ in rounding only
+    torch.testing.assert_close(reloaded, trained, atol=1e-4, rtol=1e-4)
+    assert torch.equal(reloaded.argmax(1), trained.argmax(1))
+    assert (folder / "best.ckpt").is_file()
+
+    # --resume continues from the saved step instead of starting over
+    saved = torch.load(folder / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 12
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, track=False)
+    train(tiny_config(tiny_data, tmp_path, **{"trainer.max_epochs": 7}), resume=True, track=False)
+    resumed = torch.load(folder / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 14
+    assert [int(r["epoch"]) for r in history(folder)] == list(range(7))
+
+
+@pytest.mark.slow
+def test_mlflow_tracking_records_params_metrics_and_images(tiny_data, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = tiny_config(
+        tiny_data,
+        tmp_path,
+        **{"trainer.max_epochs": 1, "tracking.mlflow": "true", "tracking.uri": uri},
+    )
+    train(config, track=True)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = (tmp_path / "tiny" / "mlflow_run_id").read_text().strip()
+    run = client.get_run(run_id)
+    assert run.data.params["config/model/arch"] == "fpn"
+    assert {"val/miou0", "val/miou1", "val/miou2", "val/score"} <= set(run.data.metrics)
+    artifacts = [a.path for a in client.list_artifacts(run_id, "val")]
+    assert any(p.endswith(".png") for p in artifacts)
+
+
+def test_killed_checkpoint_write_keeps_last_good_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def dies_mid_write(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is stopped while writing
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer\.max_epoch'"):
+        load_config("configs/pascal-person-part.yaml", ["trainer.max_epoch=3"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config("configs/pascal-person-part.yaml", ["trainer.max_epochs"])
+    config = load_config("configs/pascal-person-part.yaml", ["data.scale=[0.3, 1.0]"])
+    assert config["data"]["scale"] == [0.3, 1.0] and config["name"] == "pascal-person-part"
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from hiseg.training import lr_schedule
+
+    f = lr_schedule("cosine", warmup=10, total=110, min_ratio=0.01)
+    values = np.array([f(s) for s in range(110)])
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert np.all(np.diff(values[10:]) <= 1e-12) and values[-1] == pytest.approx(0.01, abs=1e-3)
