@@ -1,54 +1,17 @@
 """A real but tiny training run on a few shared images (Pascal-Person-Part val images)."""
 
 import csv
-import shutil
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import tiny_config  # noqa: E402
+
 from hiseg.config import ConfigError, load_config  # noqa: E402
 from hiseg.models import load_checkpoint  # noqa: E402
 from hiseg.training import AtomicCheckpointIO, train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_data(pascal_root, tmp_path_factory):
-    """8 train and 3 val images of the real data, in the prepared-release layout."""
-    root = tmp_path_factory.mktemp("ppp")
-    ids = (pascal_root / "val_id.txt").read_text().split()[:11]
-    for sub in ("JPEGImages", "gt_masks"):
-        (root / sub).mkdir()
-    for sid in ids:
-        shutil.copy(pascal_root / "JPEGImages" / f"{sid}.jpg", root / "JPEGImages")
-        shutil.copy(pascal_root / "gt_masks" / f"{sid}.png", root / "gt_masks")
-    (root / "train_id.txt").write_text("\n".join(ids[:8]))
-    (root / "val_id.txt").write_text("\n".join(ids[8:]))
-    return root
-
-
-def tiny_config(data, out, **extra):
-    overrides = [
-        f"data.root={data}",
-        f"out_dir={out}",
-        "name=tiny",
-        "data.crop_size=128",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "data.val_long_side=160",
-        "data.scale=[0.4, 0.6]",
-        "optim.lr=3e-3",
-        "optim.encoder_lr=1e-3",
-        "optim.warmup_steps=1",
-        "trainer.max_epochs=6",
-        "trainer.precision=32-true",
-        "trainer.progress_bar=false",
-        "tracking.mlflow=false",
-        "tracking.sample_images=1",
-        *[f"{k}={v}" for k, v in extra.items()],
-    ]
-    return load_config("configs/pascal-person-part.yaml", overrides)
 
 
 def history(folder):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from hiseg.taxonomy import Tree
@@ -21,3 +22,43 @@ def overlay(
     fg = (labels != tree.background.value)[..., None]
     out = np.where(fg, (1 - alpha) * out + alpha * colours, out)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def legend_panel(tree: Tree, names: list[str], height: int) -> np.ndarray:
+    """A white column listing ``names`` with their colours, as tall as the image."""
+    scale = max(0.4, min(1.0, height / 600))
+    row = int(28 * scale)
+    width = int(150 * scale)
+    panel = np.full((max(height, row * (len(names) + 1)), width, 3), 255, np.uint8)
+    for i, name in enumerate(names):
+        y = row * (i + 1)
+        cv2.rectangle(panel, (6, y - row + 8), (6 + row - 10, y - 2), tree.color(name), -1)
+        cv2.putText(
+            panel,
+            name,
+            (row + 2, y - 6),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.5 * scale,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
+    return panel[:height] if panel.shape[0] > height else panel
+
+
+def overlay_with_legend(
+    image: np.ndarray,
+    labels: np.ndarray,
+    tree: Tree,
+    level: int | None = None,
+    legend: bool = True,
+) -> np.ndarray:
+    """:func:`overlay` plus, on the right, a legend of the nodes shown (leaves or ``level``)."""
+    out = overlay(image, labels, tree, level)
+    if not legend:
+        return out
+    names = tree.level(level if level is not None else -1).names
+    panel = legend_panel(tree, [n for n in names if n != tree.background.name], out.shape[0])
+    if panel.shape[0] > out.shape[0]:
+        out = cv2.copyMakeBorder(out, 0, panel.shape[0] - out.shape[0], 0, 0, cv2.BORDER_CONSTANT)
+    return np.concatenate([out, panel], axis=1)
