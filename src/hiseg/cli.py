@@ -270,3 +270,70 @@ def train_command(
     except (DatasetError, TreeError, FileNotFoundError, FileExistsError) as err:
         raise fail(str(err)) from None
     console.print(f"checkpoints saved to {run_dir(cfg)}/ (best.ckpt, last.ckpt, history.csv)")
+
+
+# -- predict ----------------------------------------------------------------------------------
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise fail(f"--scales must be numbers separated by commas, not '{text}'") from None
+    if not scales or min(scales) <= 0:
+        raise fail(f"--scales must be positive, not '{text}'")
+    return scales
+
+
+@app.command("predict")
+def predict_command(
+    inputs: list[str] = typer.Argument(
+        None, help="Images, folders, globs ('photos/*.jpg'), videos, or a webcam index."
+    ),
+    model: list[str] | None = typer.Option(
+        None, "--model", "-m", help="Bundled model name, .onnx or .ckpt; repeat for an ensemble."
+    ),
+    source: str | None = typer.Option(None, "--source", help="Webcam index (e.g. 0) or input."),
+    out: Path = typer.Option(Path("runs/predict"), "--out", "-o", help="Output folder."),
+    levels: bool = typer.Option(False, "--levels", help="Also save one colour mask per level."),
+    summary: bool = typer.Option(False, "--json", help="Also save a JSON summary per image."),
+    backend: str = typer.Option(
+        "auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch."
+    ),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
+    long_side: int | None = typer.Option(None, help="Model input long side (default: model's)."),
+    flip: bool = typer.Option(False, "--flip", help="Average with the mirrored image (TTA)."),
+    scales: str = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25."),
+    max_frames: int | None = typer.Option(None, help="Stop videos/webcams after N frames."),
+) -> None:
+    """Segment images, folders, videos or a webcam; results are saved under --out."""
+    from hiseg.predictor import ModelError, load
+    from hiseg.runner import Saver, expand_sources, run
+
+    texts = list(inputs or []) + ([source] if source is not None else [])
+    if not texts:
+        raise fail("nothing to segment: give images, folders, globs, videos or --source 0")
+    sources, failed = expand_sources(texts)
+    try:
+        predictor = load(
+            model or None,
+            backend=backend,
+            threads=threads,
+            long_side=long_side,
+            flip=flip,
+            scales=parse_scales(scales),
+        )
+    except ModelError as err:
+        raise fail(str(err)) from None
+    saver = Saver(out, levels=levels, summary=summary)
+    with progress_bar(len(sources), "segmenting") as advance:
+        report = run(predictor, sources, saver, max_frames, on_image=lambda: advance(1))
+    failed += report.failed
+    if summary:
+        (out / "summary.json").write_text(json.dumps(report.summaries, indent=2))
+    n_ok = len(sources) - len(report.failed)
+    console.print(f"segmented {n_ok} of {len(sources)} input(s); results saved to {out}/")
+    for name, reason in failed:
+        err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
