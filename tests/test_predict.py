@@ -1,0 +1,113 @@
+"""`hiseg predict` and the Python API on a small model trained inside the session."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import hiseg
+from hiseg.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint):
+    return hiseg.load(tiny_checkpoint)
+
+
+def test_python_api(predictor, pascal_root):
+    path = pascal_root / "JPEGImages" / "2008_000003.jpg"
+    result = predictor.predict(path)
+    h, w = np.asarray(Image.open(path)).shape[:2]
+    assert result.labels.shape == (h, w) and result.labels.dtype == np.uint8
+    assert set(np.unique(result.labels)) <= set(predictor.tree.values)
+    np.testing.assert_allclose(result.probs.sum(0), 1.0, atol=1e-4)
+    for k in range(3):
+        assert result.level(k).max() < len(predictor.tree.level(k).nodes)
+    assert result.overlay().shape[0] == h and result.overlay().shape[1] > w  # legend on the right
+    summary = result.summary()
+    assert sum(summary["levels"]["2"].values()) == pytest.approx(1.0, abs=1e-3)
+    batch = predictor.predict_batch([path, result.image])
+    assert np.array_equal(batch[0].labels, batch[1].labels)
+
+
+def odd_images(folder, photo):
+    """The same photo as CMYK, grayscale, 16-bit, RGBA and EXIF-rotated files."""
+    img = Image.fromarray(photo)
+    img.convert("CMYK").save(folder / "cmyk.jpg")
+    img.convert("L").save(folder / "gray.png")
+    Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257).save(folder / "deep.png")
+    img.convert("RGBA").save(folder / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(folder / "rotated.jpg", exif=exif.tobytes())
+
+
+def test_cli_many_inputs_with_bad_ones(tiny_checkpoint, pascal_root, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    photo = np.asarray(Image.open(pascal_root / "JPEGImages" / "2008_000003.jpg"))
+    odd_images(src, photo)
+    (src / "notes.jpg").write_text("not an image")
+    (src / "cut.jpg").write_bytes(
+        (pascal_root / "JPEGImages" / "2008_000008.jpg").read_bytes()[:2000]
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(src),
+            str(tmp_path / "nope.jpg"),
+            "-m",
+            str(tiny_checkpoint),
+            "-o",
+            str(out),
+            "--levels",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 1, result.output  # something failed, the rest went on
+    assert "notes.jpg: not an image" in result.output
+    assert "cut.jpg: truncated" in result.output
+    assert "nope.jpg: file not found" in result.output
+    h, w = photo.shape[:2]
+    for stem in ("cmyk", "gray", "deep", "alpha"):
+        labels = np.asarray(Image.open(out / f"{stem}.png"))
+        assert labels.shape == (h, w), stem
+        assert (out / f"{stem}_overlay.jpg").is_file() and (out / f"{stem}_level2.png").is_file()
+    assert np.asarray(Image.open(out / "rotated.png")).shape == (w, h)  # EXIF applied
+    summaries = json.loads((out / "summary.json").read_text())
+    assert len(summaries) == 5 and all("people" in s for s in summaries)
+
+
+def test_cli_video(tiny_checkpoint, pascal_root, tmp_path):
+    photo = np.asarray(Image.open(pascal_root / "JPEGImages" / "2008_000003.jpg"))[:240, :320]
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 10, (320, 240))
+    for shift in range(3):
+        writer.write(np.roll(photo, 10 * shift, axis=1)[..., ::-1].copy())
+    writer.release()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["predict", str(video), "-m", str(tiny_checkpoint), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    capture = cv2.VideoCapture(str(out / "clip_overlay.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+
+
+def test_missing_model_is_named(tmp_path):
+    result = runner.invoke(app, ["predict", str(tmp_path), "-m", "no-such-model"])
+    assert result.exit_code == 2
+    assert "no-such-model: no such model file" in result.output
+
+
+def test_absent_webcam_is_reported_not_hung(tiny_checkpoint, tmp_path):
+    result = runner.invoke(
+        app, ["predict", "--source", "7", "-m", str(tiny_checkpoint), "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 1
+    assert "webcam 7: cannot open the video or camera" in result.output
