@@ -105,3 +105,37 @@ def test_lr_schedule_warms_up_then_decays():
     values = np.array([f(s) for s in range(110)])
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert np.all(np.diff(values[10:]) <= 1e-12) and values[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
+    """The multi-GPU / multi-node path (DDP), run here as two CPU processes over gloo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hiseg_cli = Path(sys.executable).parent / "hiseg"
+    overrides = [
+        f"data.root={tiny_data}",
+        f"out_dir={tmp_path}",
+        "name=ddp",
+        "data.crop_size=128",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.val_long_side=160",
+        "trainer.max_epochs=1",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.progress_bar=false",
+    ]
+    config = Path(__file__).resolve().parents[1] / "configs" / "pascal-person-part.yaml"
+    done = subprocess.run(
+        [str(hiseg_cli), "train", str(config), *overrides, "--no-track"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "ddp" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2  # 8 images / (2 processes x batch 2)
+    assert [r["epoch"] for r in history(tmp_path / "ddp")] == ["0"]

@@ -104,7 +104,9 @@ class SegmentationTask(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss_fn(self(x).float(), y)
-        self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(x))
+        self.log(
+            "train/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(x)
+        )
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -132,12 +134,12 @@ class SegmentationTask(L.LightningModule):
         for k, level in scores["levels"].items():
             miou = level["miou"] or 0.0
             mious.append(miou)
-            self.log(f"val/miou{k}", miou, sync_dist=False)
+            self.log(f"val/miou{k}", miou, sync_dist=True)
             for node, iou in level["iou"].items():
                 if iou is not None:
-                    self.log(f"val/iou{k}/{node}", iou, sync_dist=False)
-        self.log("val/score", float(np.mean(mious)), prog_bar=True, sync_dist=False)
-        self.log("val/pixel_accuracy", scores["pixel_accuracy"] or 0.0, sync_dist=False)
+                    self.log(f"val/iou{k}/{node}", iou, sync_dist=True)
+        self.log("val/score", float(np.mean(mious)), prog_bar=True, sync_dist=True)
+        self.log("val/pixel_accuracy", scores["pixel_accuracy"] or 0.0, sync_dist=True)
 
     def configure_optimizers(self):
         o = self.config["optim"]
