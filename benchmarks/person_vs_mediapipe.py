@@ -1,0 +1,108 @@
+"""hiseg's person model against MediaPipe's selfie segmentation, on the same images in one run.
+
+    python benchmarks/person_vs_mediapipe.py [--model person] [--threads 2]
+
+Both are scored with one confusion matrix over the split (person = mask > 0.5 for MediaPipe's
+general model; hiseg's default decoding) and timed per image end to end (preprocessing, network,
+upsampling, decision) with the thread count stated. MediaPipe (``mediapipe==0.10.14``, whose wheel
+ships the model) is a benchmark-only dependency. Writes benchmarks/person_vs_mediapipe.md + .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+import hiseg
+from hiseg.data import open_dataset
+from hiseg.metrics import ConfusionMatrix
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, (time.perf_counter() - start) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="person")
+    parser.add_argument(
+        "--data", type=Path, default=HERE.parent.parent / "shared/data/picsart-person"
+    )
+    parser.add_argument("--split", default="valid")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "person_vs_mediapipe")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import mediapipe as mp
+
+    dataset = open_dataset(args.data, args.split)
+    predictor = hiseg.load(args.model, threads=args.threads)
+    person = (
+        predictor.tree.level(0).names.index("person") if "person" in predictor.tree.nodes else 1
+    )
+    selfie = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+    scores = {"hiseg": ConfusionMatrix(dataset.tree), "mediapipe": ConfusionMatrix(dataset.tree)}
+    times: dict[str, list[float]] = {"hiseg": [], "mediapipe": []}
+    for image, labels in dataset:
+        result, ms = timed(predictor.predict, image)
+        times["hiseg"].append(ms)
+        scores["hiseg"].update(labels, (result.level(0) == person).astype(np.uint8))
+        out, ms = timed(selfie.process, image)
+        times["mediapipe"].append(ms)
+        scores["mediapipe"].update(labels, (out.segmentation_mask > 0.5).astype(np.uint8))
+    rows = {}
+    for name, cm in scores.items():
+        s = cm.scores()
+        rows[name] = {
+            "dice": s["dice"],
+            "iou": s["iou"],
+            "median_ms": float(np.median(times[name][1:])),
+            "p90_ms": float(np.percentile(times[name][1:], 90)),
+        }
+    command = (
+        f"python benchmarks/person_vs_mediapipe.py --model {args.model} --threads {args.threads}"
+    )
+    meta = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "split": args.split,
+        "n_images": len(dataset),
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "results": rows,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    lines = [
+        "# Person segmentation: hiseg vs MediaPipe selfie segmentation",
+        "",
+        f"Produced by `{command}` on {meta['date']} "
+        f"({meta['cores']} cores, {args.threads} threads),",
+        f"PicsArt `{args.split}` ({len(dataset)} images, 240x320), one confusion over the split.",
+        "Latency: one image end to end (preprocessing, network, upsampling, decision), first "
+        "image excluded.",
+        "",
+        "| model | Dice | IoU | median ms | p90 ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['dice']:.4f} | {r['iou']:.4f} "
+            f"| {r['median_ms']:.1f} | {r['p90_ms']:.1f} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
