@@ -337,3 +337,118 @@ def predict_command(
         err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+# -- export / bench ---------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint from `hiseg train` (.ckpt)."),
+    out: Path | None = typer.Option(None, "--out", help="ONNX file (default: CKPT as .onnx)."),
+    int8: bool = typer.Option(
+        False, "--int8", help="Also write OUT.int8.onnx if it costs <= 1 mIoU point per level."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset: check the export on real images; needed by --int8."
+    ),
+    split: str = typer.Option("val", help="Split to check and score on."),
+    limit: int | None = typer.Option(None, help="Score int8 on the first N images only."),
+    format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+) -> None:
+    """Export a checkpoint to ONNX for the torch-free runtime; optionally an int8 copy."""
+    if int8 and data is None:
+        raise fail("--int8 needs --data: int8 is calibrated and scored on real images")
+    try:
+        from hiseg.export import (
+            VALIDATION_IMAGES,
+            export_int8_if_close,
+            export_onnx,
+            sample_images,
+            validate_export,
+        )
+    except ImportError as err:
+        raise fail(f"export needs the train extra: pip install 'hiseg[train]' ({err})") from None
+    out = out or checkpoint.with_suffix(".onnx")
+    try:
+        export_onnx(checkpoint, out)
+    except (OSError, ValueError) as err:
+        raise fail(str(err)) from None
+    console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB, fp32)", highlight=False)
+    if data is None:
+        return
+    try:
+        val = open_dataset(data, split, format)
+        calibration_split = "train" if "train" in dataset_splits(data, format) else split
+        calibration = open_dataset(data, calibration_split, format)
+        check = validate_export(checkpoint, out, sample_images(val, VALIDATION_IMAGES))
+        console.print(
+            f"ONNX Runtime vs torch on {check['images']} {split} images: argmax agrees on "
+            f"{check['argmax_agreement']:.4%} of pixels, "
+            f"max |logit diff| {check['max_abs_diff']:.2g}",
+            highlight=False,
+        )
+        if not check["ok"]:
+            raise fail(f"{out}: the export disagrees with the checkpoint; do not ship it", code=1)
+        if not int8:
+            return
+        with console.status(f"int8: calibrating on {calibration_split}, scoring on {split} ..."):
+            report = export_int8_if_close(out, val, sample_images(calibration), limit=limit)
+    except (DatasetError, TreeError, OSError, ValueError) as err:  # ModelError, image errors
+        raise fail(str(err)) from None
+    table = Table(title=f"mIoU on {report['images']} {split} images (background excluded)")
+    for column in ("level", "fp32", "int8", "drop"):
+        table.add_column(column, justify="left" if column == "level" else "right")
+    for k, drop in report["drop"].items():
+        fp32, q = report["fp32"][k], report["int8"][k]
+        table.add_row(k, _fmt(fp32), _fmt(q), f"{drop:+.4f}")
+    console.print(table)
+    size = f"{report['int8_mb']:.1f} MB vs {report['fp32_mb']:.1f} MB"
+    if report["kept"]:
+        console.print(f"saved {report['path']} ({size}, int8)", highlight=False)
+    else:
+        console.print(
+            f"[yellow]int8 not kept[/]: a level lost more than {report['max_drop']:.2f} mIoU "
+            f"({size})",
+            highlight=False,
+        )
+
+
+@app.command("bench")
+def bench_command(
+    model: list[Path] = typer.Argument(
+        ..., help="Model files (.onnx, .ckpt); existing x.onnx / x.int8.onnx beside them join."
+    ),
+    sizes: str = typer.Option("320,512", help="Comma-separated long sides in pixels."),
+    threads: int = typer.Option(2, help="Threads for every runtime."),
+    runs: int = typer.Option(30, help="Timed runs per row."),
+    warmup: int = typer.Option(5, help="Untimed runs before them."),
+    out: Path = typer.Option(Path("benchmarks/bench.md"), help="Markdown table to write."),
+) -> None:
+    """Latency (median, p90) and images/s of the network and of predict, per runtime."""
+    from hiseg.bench import benchmark, write_markdown
+    from hiseg.predictor import ModelError
+
+    try:
+        long_sides = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise fail(f"--sizes takes comma-separated integers, not '{sizes}'") from None
+    try:
+        rows = benchmark(model, long_sides, threads=threads, runs=runs, warmup=warmup)
+    except (FileNotFoundError, ModelError) as err:
+        raise fail(str(err)) from None
+    table = Table(title=f"batch 1, {threads} thread(s), {runs} runs")
+    text = ("model", "runtime", "precision", "task", "input")
+    numbers = ("median_ms", "p90_ms", "images_per_s")
+    for column in text:
+        table.add_column(column)
+    for column in ("median ms", "p90 ms", "images/s"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(*(str(r[k]) for k in text), *(f"{r[k]:.1f}" for k in numbers))
+    console.print(table)
+    command = (
+        f"hiseg bench {' '.join(map(str, model))} --sizes {sizes} --threads {threads} "
+        f"--runs {runs} --warmup {warmup} --out {out}"
+    )
+    console.print(f"saved {write_markdown(rows, out, command)}", highlight=False)

@@ -1,0 +1,175 @@
+"""Speed on this CPU: the network forward per runtime and precision, and what a user waits for.
+
+Each size is the long side of a 4:3 portrait image, letterboxed as the runtime does, so the network
+input is (1, 3, size, round(size * 3/4) padded up to a multiple of 32): 320 -> 1x3x320x256,
+512 -> 1x3x512x384. ``predict`` rows time :meth:`Predictor.predict` on a whole photo (resize,
+normalise, run, upsample the probabilities, decode the tree), the latency a user feels.
+
+torch is imported only to time a ``.ckpt`` (through the predictor's torch backend), so the
+benchmark runs on a runtime-only install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hiseg.inference import letterbox, normalize
+from hiseg.predictor import Backend, Predictor, load_backend
+
+INT8_SUFFIX = ".int8.onnx"
+#: Height and width of the stand-in photo for ``predict`` rows: a portrait PASCAL VOC photo,
+#: so its network input is the ``forward`` row's.
+PHOTO_HW = (500, 375)
+COLUMNS = {
+    "model": "model",
+    "runtime": "runtime",
+    "precision": "precision",
+    "task": "task",
+    "input": "input",
+    "threads": "threads",
+    "median_ms": "median ms",
+    "p90_ms": "p90 ms",
+    "images_per_s": "images/s",
+}
+
+
+def int8_path(fp32: str | Path) -> Path:
+    """Where an fp32 model's int8 variant lives: ``model.onnx`` -> ``model.int8.onnx``."""
+    return Path(fp32).with_suffix(INT8_SUFFIX)
+
+
+def model_variants(model: str | Path) -> list[Path]:
+    """``model`` and the existing files worth comparing with it: ``x.ckpt`` -> x.ckpt, x.onnx,
+    x.int8.onnx; ``x.onnx`` -> x.onnx, x.int8.onnx."""
+    path = Path(model)
+    candidates = [path, path.with_suffix(".onnx"), int8_path(path)]
+    return list(dict.fromkeys(p for p in candidates if p.is_file()))
+
+
+def benchmark(
+    model: str | Path | Sequence[str | Path],
+    sizes: Sequence[int] = (320, 512),
+    threads: int = 2,
+    runs: int = 30,
+    warmup: int = 5,
+    image: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """One row per model variant and size: latency median and p90 (ms) and images/s at batch 1.
+
+    ``model`` is a file or several; each brings its siblings (:func:`model_variants`). A
+    ``.ckpt`` is timed in torch fp32 when torch is installed, every ``.onnx`` in ONNX Runtime
+    (precision from its metadata), and each fp32 ``.onnx`` also end to end on ``image``
+    (default: a random photo of ``PHOTO_HW``).
+    """
+    models = [model] if isinstance(model, (str, Path)) else model
+    paths = list(dict.fromkeys(p for m in models for p in model_variants(m)))
+    if not paths:
+        raise FileNotFoundError(f"no model file among {[str(m) for m in models]}")
+    if importlib.util.find_spec("torch") is None:
+        paths = [p for p in paths if p.suffix != ".ckpt"]
+    rng = np.random.default_rng(0)
+    photo = image if image is not None else rng.integers(0, 256, (*PHOTO_HW, 3), np.uint8)
+    rows = []
+    for path in paths:
+        checkpoint = path.suffix == ".ckpt"
+        backend = load_backend(path, "torch" if checkpoint else "onnx", threads)
+        row = {
+            "model": path.name,
+            "runtime": "torch" if checkpoint else "onnxruntime",
+            "precision": backend.meta.get("precision", "fp32"),
+            "threads": threads,
+        }
+        for size in sizes:
+            x = _random_input(rng, size, backend)
+            times = _time_ms(partial(backend.run, x), runs, warmup)
+            shape = "x".join(map(str, x.shape))
+            rows.append({**row, "task": "forward", "input": shape, **_stats(times)})
+            if not checkpoint and row["precision"] == "fp32":
+                predictor = Predictor([backend], long_side=size)
+                times = _time_ms(partial(predictor.predict, photo), runs, warmup)
+                fitted = letterbox(photo, size, backend.stride)[0].shape
+                shape = "x".join(map(str, photo.shape)) + f" photo -> 1x3x{fitted[0]}x{fitted[1]}"
+                rows.append({**row, "task": "predict", "input": shape, **_stats(times)})
+    return rows
+
+
+def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, command: str) -> Path:
+    """A Markdown table of ``rows`` headed by the command and the machine that produced it."""
+    path = Path(path)
+    versions = [f"onnxruntime {version('onnxruntime')}"]
+    if "torch" in sys.modules:  # only report torch when it was used
+        versions.append(f"torch {sys.modules['torch'].__version__}")
+    lines = [
+        "# hiseg benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {_cpu_name()}, {platform.python_implementation()} "
+        f"{platform.python_version()}, {', '.join(versions)}; "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "",
+        "Batch 1. `forward`: the network alone on the input shown. `predict`: "
+        "`Predictor.predict` on a whole photo (resize, normalise, run, upsample, decode).",
+        "",
+        "| " + " | ".join(COLUMNS.values()) + " |",
+        "|"
+        + "|".join("---:" if k.endswith(("_ms", "_s", "threads")) else "---" for k in COLUMNS)
+        + "|",
+    ]
+    for row in rows:
+        cells = [f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _random_input(rng: np.random.Generator, size: int, backend: Backend) -> np.ndarray:
+    """A normalised random image of long side ``size``, letterboxed as the runtime does."""
+    image = rng.integers(0, 256, (size, round(size * 3 / 4), 3), np.uint8)
+    fitted, _ = letterbox(image, size, backend.stride)
+    return normalize(fitted, backend.mean, backend.std)[None]
+
+
+def _time_ms(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _stats(times_ms: Sequence[float]) -> dict[str, float]:
+    return {
+        "median_ms": statistics.median(times_ms),
+        "p90_ms": float(np.percentile(times_ms, 90)),
+        "images_per_s": 1000 * len(times_ms) / sum(times_ms),
+    }
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux) or what the platform reports, and the core count."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({os.cpu_count()} logical cores)"

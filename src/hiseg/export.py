@@ -1,0 +1,283 @@
+"""Export a checkpoint to the ONNX file the runtime serves, check it, and quantise it to int8.
+
+The ONNX file carries what :mod:`hiseg.predictor` needs (tree, normalisation, model size) as JSON
+metadata under ``"hiseg"``, so it predicts with no torch and no training config. int8 is optional
+and kept only when it costs at most one mIoU point at every level of the tree: a faster model that
+is visibly worse is no gain.
+
+int8 is static QDQ quantisation with per-channel weights: ONNX Runtime's CPU provider fuses each
+DequantizeLinear -> Conv -> QuantizeLinear into an integer QLinearConv, about twice as fast as fp32
+here. (The QOperator format fails on these graphs: the quantiser reports "Graph is not a DAG".)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from hiseg import __version__
+from hiseg.bench import int8_path
+from hiseg.data import Dataset
+from hiseg.inference import Letterbox, letterbox, normalize
+from hiseg.metrics import ConfusionMatrix
+from hiseg.models import load_checkpoint
+from hiseg.predictor import METADATA_KEY, Backend, load, load_backend
+
+INPUT, OUTPUT = "image", "logits"
+DYNAMIC_AXES = {name: {0: "batch", 2: "height", 3: "width"} for name in (INPUT, OUTPUT)}
+#: An export is sound when ONNX Runtime and torch pick the same leaf on this share of pixels.
+MIN_ARGMAX_AGREEMENT = 0.999
+#: int8 is kept when no level's mIoU drops by more than this (one point).
+MAX_MIOU_DROP = 0.01
+#: Images used to calibrate int8 activation ranges.
+CALIBRATION_IMAGES = 16
+#: Images on which an export is compared with torch (spread over the split).
+VALIDATION_IMAGES = 8
+#: Nodes under this prefix (the last conv and its upsampling to the input size) stay float:
+#: cheap, and they shape the logits that the decision is made on.
+HEAD_PREFIX = "/net/segmentation_head/"
+#: Ops left float: ONNX Runtime has no int8 CPU kernel for them (GroupNorm exports as these).
+FLOAT_OPS = ("InstanceNormalization",)
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> Path:
+    """Write ``checkpoint`` as one ONNX file, ``image`` (B, 3, H, W) -> ``logits``
+    (B, leaves, H, W) for any batch and size, with the checkpoint's metadata (``fp32``)."""
+    model, meta = load_checkpoint(checkpoint)
+    side = int(meta["long_side"])
+    example = torch.zeros(1, 3, side, side * 3 // 4)  # not a stride multiple: exercises the pad
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the dynamo exporter needs onnxscript, not installed
+        warnings.filterwarnings(
+            "ignore", "You are using the legacy TorchScript", DeprecationWarning
+        )
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            opset_version=opset,
+            dynamic_axes=DYNAMIC_AXES,
+            dynamo=False,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    _set_metadata(proto, {**meta, "version": __version__, "precision": "fp32"})
+    onnx.checker.check_model(proto, full_check=True)
+    return _save_atomic(proto, Path(out))
+
+
+def network_input(image: np.ndarray, backend: Backend) -> tuple[np.ndarray, Letterbox]:
+    """(1, 3, H, W) input exactly as the predictor builds it, and how the image was fitted."""
+    fitted, box = letterbox(image, backend.long_side, backend.stride)
+    return normalize(fitted, backend.mean, backend.std)[None], box
+
+
+def validate_export(
+    checkpoint: str | Path,
+    onnx_path: str | Path,
+    images: Sequence[np.ndarray],
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Compare ONNX Runtime with torch on a few real images, over the image area (padding
+    excluded). ``ok``: the argmax leaf agrees on ``MIN_ARGMAX_AGREEMENT`` of the pixels or more.
+    """
+    reference = load_backend(checkpoint, "torch", threads)
+    exported = load_backend(onnx_path, "onnx", threads)
+    inputs = [network_input(image, exported) for image in images]
+    # All of torch first: ONNX Runtime's threads spin after each run and would slow torch down.
+    wanted = [reference.run(x) for x, _ in inputs]
+    agree = pixels = 0
+    max_diff = 0.0
+    for (x, box), want in zip(inputs, wanted, strict=True):
+        h, w = box.resized_hw
+        want, got = want[..., :h, :w], exported.run(x)[..., :h, :w]
+        max_diff = max(max_diff, float(np.abs(want - got).max()))
+        agree += int((want.argmax(1) == got.argmax(1)).sum())
+        pixels += h * w
+    share = agree / max(pixels, 1)
+    return {
+        "images": len(images),
+        "pixels": pixels,
+        "max_abs_diff": max_diff,
+        "argmax_agreement": share,
+        "ok": bool(images) and share >= MIN_ARGMAX_AGREEMENT,
+    }
+
+
+def sample_images(dataset: Dataset, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """``count`` images spread evenly over ``dataset`` (not just its first ids)."""
+    step = max(1, len(dataset) // max(count, 1))
+    return [dataset.read(sample)[0] for sample in dataset.samples[::step][:count]]
+
+
+class _Calibration(CalibrationDataReader):
+    """Feeds preprocessed images to onnxruntime's calibrator, one at a time."""
+
+    def __init__(self, inputs: Iterator[np.ndarray]):
+        self.inputs = inputs
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self.inputs, None)
+        return None if x is None else {INPUT: x}
+
+
+def quantize_int8(
+    onnx_fp32: str | Path, out: str | Path, calibration_images: Sequence[np.ndarray]
+) -> Path:
+    """Static int8 (QDQ, per-channel weights) of an exported model, calibrated on real images
+    preprocessed as the runtime does; metadata kept, with precision ``int8``."""
+    if not calibration_images:
+        raise ValueError("int8 calibration needs at least one image")
+    source = load_backend(onnx_fp32, "onnx")
+    inputs = (network_input(image, source)[0] for image in calibration_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        # Symbolic shape inference cannot follow the TF-"same" padding; onnx's own inference can.
+        quant_pre_process(str(onnx_fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            prepared,
+            quantized,
+            _Calibration(inputs),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            # U8S8; on AVX2 CPUs without VNNI it can saturate: the mIoU check would catch it.
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=_float_nodes(onnx.load(prepared)),
+        )
+        proto = onnx.load(quantized)
+    _drop_unused_initializers(proto)
+    _set_metadata(proto, {**source.meta, "precision": "int8"})
+    onnx.checker.check_model(proto)
+    return _save_atomic(proto, Path(out))
+
+
+def per_level_miou(
+    model_path: str | Path, dataset: Dataset, limit: int | None = None
+) -> dict[str, float | None]:
+    """mIoU per tree level of the runtime's predictions on the first ``limit`` samples."""
+    predictor = load(model_path)
+    matrix = ConfusionMatrix(dataset.tree)
+    for sample in dataset.samples[:limit]:
+        image, labels = dataset.read(sample)
+        matrix.update(labels, predictor.predict(image).labels)
+    return {k: level["miou"] for k, level in matrix.scores()["levels"].items()}
+
+
+def export_int8_if_close(
+    onnx_fp32: str | Path,
+    val: Dataset,
+    calibration_images: Sequence[np.ndarray],
+    out: str | Path | None = None,
+    limit: int | None = None,
+    max_drop: float = MAX_MIOU_DROP,
+) -> dict[str, Any]:
+    """Quantise, score fp32 and int8 on ``val`` (first ``limit`` samples), and keep the int8 file
+    (default ``model.int8.onnx``) only if no level's mIoU drops by more than ``max_drop``.
+
+    Reports both scores, the drop per level and the decision either way. An undefined mIoU (no
+    such node in the images) counts as 0. A rejected int8 also removes an older file at ``out``,
+    which belonged to another export.
+    """
+    onnx_fp32 = Path(onnx_fp32)
+    out = Path(out) if out else int8_path(onnx_fp32)
+    candidate = quantize_int8(
+        onnx_fp32, out.with_name(f".{out.name}.candidate"), calibration_images
+    )
+    try:
+        fp32 = per_level_miou(onnx_fp32, val, limit)
+        int8 = per_level_miou(candidate, val, limit)
+        drop = {k: (fp32[k] or 0.0) - (int8[k] or 0.0) for k in fp32}
+        kept = all(d <= max_drop for d in drop.values())
+        size_mb = candidate.stat().st_size / 1e6
+        if kept:
+            os.replace(candidate, out)
+        else:
+            out.unlink(missing_ok=True)
+    finally:
+        candidate.unlink(missing_ok=True)
+    return {
+        "images": len(val.samples[:limit]),
+        "fp32": fp32,
+        "int8": int8,
+        "drop": drop,
+        "max_drop": max_drop,
+        "kept": kept,
+        "path": str(out) if kept else None,
+        "fp32_mb": onnx_fp32.stat().st_size / 1e6,
+        "int8_mb": size_mb,
+    }
+
+
+# -- ONNX graph helpers -----------------------------------------------------------------------
+
+
+def _set_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
+
+
+def _float_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Nodes int8 must not touch: the output head, ``FLOAT_OPS``, and shape arithmetic.
+
+    The shape arithmetic (Shape -> Div -> Ceil -> ... -> Pad) computes the dynamic padding;
+    quantised, its values round to wrong sizes and the graph fails on most inputs. A node is
+    shape arithmetic when a Shape result feeds it and every other input is a constant.
+    """
+    constant = {init.name for init in proto.graph.initializer} | {""}
+    shaped: set[str] = set()
+    names = []
+    for node in proto.graph.node:  # topologically sorted
+        if node.op_type == "Constant":
+            constant.update(node.output)
+            continue
+        from_shape = any(i in shaped for i in node.input)
+        if node.op_type == "Shape" or (
+            from_shape and all(i in shaped or i in constant for i in node.input)
+        ):
+            shaped.update(node.output)
+            names.append(node.name)
+        elif node.name.startswith(HEAD_PREFIX) or node.op_type in FLOAT_OPS:
+            names.append(node.name)
+    return names
+
+
+def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
+    """Remove constants the quantiser left behind, which ONNX Runtime warns about on load."""
+    used = {i for node in proto.graph.node for i in node.input}
+    used.update(o.name for o in proto.graph.output)
+    unused = [init for init in proto.graph.initializer if init.name not in used]
+    for init in unused:
+        proto.graph.initializer.remove(init)
+
+
+def _save_atomic(proto: onnx.ModelProto, out: Path) -> Path:
+    """Write to a temporary file and rename: a reader never sees a half-written model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,135 @@
+"""ONNX export, int8 quantisation and benchmarks of the tiny model trained in the test session."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+import hiseg  # noqa: E402
+from hiseg.bench import benchmark, write_markdown  # noqa: E402
+from hiseg.data import open_dataset  # noqa: E402
+from hiseg.export import (  # noqa: E402
+    MAX_MIOU_DROP,
+    export_int8_if_close,
+    export_onnx,
+    quantize_int8,
+    sample_images,
+    validate_export,
+)
+from hiseg.models import load_checkpoint  # noqa: E402
+from hiseg.predictor import METADATA_KEY, load  # noqa: E402
+
+#: One thread: on a CPU shared with other jobs, torch's OpenMP threads can run 50x slower.
+THREADS = 1
+
+
+@pytest.fixture(scope="module")
+def val(tiny_data):
+    return open_dataset(tiny_data, "val")
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_path(onnx_path, tiny_data):
+    train_images = sample_images(open_dataset(tiny_data, "train"), 4)
+    return quantize_int8(onnx_path, onnx_path.with_name("tiny.int8.onnx"), train_images)
+
+
+def test_export_has_dynamic_io_and_metadata(tiny_checkpoint, onnx_path):
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (image,), (logits,) = session.get_inputs(), session.get_outputs()
+    assert (image.name, logits.name) == ("image", "logits")
+    assert image.type == "tensor(float)" and image.shape == ["batch", 3, "height", "width"]
+    assert logits.shape == ["batch", 7, "height", "width"]
+    meta = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+    _, ckpt_meta = load_checkpoint(tiny_checkpoint)
+    assert meta == {**ckpt_meta, "version": hiseg.__version__, "precision": "fp32"}
+    assert not list(onnx_path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_runtime_predicts_at_the_image_size(onnx_path, val):
+    image, _ = val[0]
+    result = load(onnx_path, threads=THREADS).predict(image)
+    assert result.labels.shape == image.shape[:2]
+    assert set(np.unique(result.labels)) <= set(result.tree.values)
+
+
+def test_onnx_matches_torch_on_real_images_and_any_size(tiny_checkpoint, onnx_path, val):
+    report = validate_export(
+        tiny_checkpoint, onnx_path, [image for image, _ in val], threads=THREADS
+    )
+    assert report["images"] == 3 and report["ok"], report
+    assert report["argmax_agreement"] >= 0.999 and report["max_abs_diff"] < 1e-3
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    inputs = [torch.randn(1, 3, 96, 160), torch.randn(2, 3, 131, 77)]  # one not a /32 multiple
+    with torch.inference_mode():
+        wanted = [model(x).numpy() for x in inputs]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for x, want in zip(inputs, wanted, strict=True):
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == want.shape == (x.shape[0], model.num_leaves, *x.shape[2:])
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.999
+
+
+def test_int8_is_smaller_and_predicts_valid_labels(onnx_path, int8_path, val):
+    assert int8_path.stat().st_size < 0.5 * onnx_path.stat().st_size
+    predictor = load(int8_path, threads=THREADS)
+    assert predictor.backends[0].meta["precision"] == "int8"
+    image, _ = val[1]
+    labels = predictor.predict(image).labels
+    assert labels.shape == image.shape[:2]
+    assert set(np.unique(labels)) <= set(predictor.tree.values)
+
+
+def test_int8_kept_only_when_close(onnx_path, tiny_data, val, tmp_path):
+    out = tmp_path / "kept.int8.onnx"
+    calibration = sample_images(open_dataset(tiny_data, "train"), 2)
+    report = export_int8_if_close(onnx_path, val, calibration, out=out, limit=2)
+    assert report["images"] == 2 and set(report["fp32"]) == set(report["int8"]) == {"0", "1", "2"}
+    assert report["kept"] == all(d <= MAX_MIOU_DROP for d in report["drop"].values())
+    assert out.is_file() == report["kept"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["kept.int8.onnx"] * report["kept"])
+
+
+def test_benchmark_rows(tiny_checkpoint, onnx_path, int8_path, tmp_path):
+    rows = benchmark(
+        [tiny_checkpoint, onnx_path], sizes=(64, 96), threads=THREADS, runs=2, warmup=1
+    )
+    kinds = {(r["runtime"], r["precision"], r["task"]) for r in rows}
+    assert kinds == {
+        ("torch", "fp32", "forward"),
+        ("onnxruntime", "fp32", "forward"),
+        ("onnxruntime", "fp32", "predict"),
+        ("onnxruntime", "int8", "forward"),  # found beside the fp32 file
+    }
+    assert len(rows) == 8 and {r["input"] for r in rows if r["task"] == "forward"} == {
+        "1x3x64x64",
+        "1x3x96x96",
+    }
+    for row in rows:
+        assert row["threads"] == THREADS
+        assert row["p90_ms"] >= row["median_ms"] > 0 and row["images_per_s"] > 0
+    table = write_markdown(rows, tmp_path / "bench.md", "hiseg bench tiny.onnx").read_text()
+    assert "`hiseg bench tiny.onnx`" in table and table.count("\n| ") == 1 + len(rows)
+
+
+def test_onnx_prediction_never_imports_torch(onnx_path, val):
+    code = (
+        "import sys\n"
+        "from hiseg.predictor import load\n"
+        "result = load(sys.argv[1], threads=1).predict(sys.argv[2])\n"
+        "assert result.labels.ndim == 2\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    image = val.samples[0].image_path
+    subprocess.run([sys.executable, "-c", code, onnx_path, image], check=True, timeout=120)
