@@ -48,11 +48,22 @@ def tiny_config(data: Path, out: Path, **extra) -> dict:
     from hiseg.config import load_config
 
     overrides = [
-        f"data.root={data}", f"out_dir={out}", "name=tiny", "data.crop_size=128",
-        "data.batch_size=4", "data.num_workers=0", "data.val_long_side=160",
-        "data.scale=[0.4, 0.6]", "optim.lr=3e-3", "optim.encoder_lr=1e-3",
-        "optim.warmup_steps=1", "trainer.max_epochs=6", "trainer.precision=32-true",
-        "trainer.progress_bar=false", "tracking.mlflow=false", "tracking.sample_images=1",
+        f"data.root={data}",
+        f"out_dir={out}",
+        "name=tiny",
+        "data.crop_size=128",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.val_long_side=160",
+        "data.scale=[0.4, 0.6]",
+        "optim.lr=3e-3",
+        "optim.encoder_lr=1e-3",
+        "optim.warmup_steps=1",
+        "trainer.max_epochs=6",
+        "trainer.precision=32-true",
+        "trainer.progress_bar=false",
+        "tracking.mlflow=false",
+        "tracking.sample_images=1",
         *[f"{k}={v}" for k, v in extra.items()],
     ]
     return load_config(ROOT / "configs" / "pascal-person-part.yaml", overrides)

@@ -197,17 +197,64 @@ def _print_stats(title: str, s: dict[str, Any]) -> None:
 def evaluate(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     split: str = typer.Option("val", help="Split to score."),
-    pred_dir: Path = typer.Option(
-        ..., "--pred-dir", help="Folder of <id>.png predicted leaf label maps."
+    model: list[str] | None = typer.Option(
+        None, "--model", "-m", help="Model (.onnx, .ckpt, bundled name); repeat for an ensemble."
+    ),
+    pred_dir: Path | None = typer.Option(
+        None, "--pred-dir", help="Or: a folder of <id>.png predicted leaf label maps."
     ),
     format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     json_out: Path | None = typer.Option(None, "--json", help="Write the scores as JSON here."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write a report (markdown, plots, worst images) to this folder."
+    ),
+    save_pred: Path | None = typer.Option(None, help="Save the model's label maps here."),
+    limit: int | None = typer.Option(None, help="Score only the first N images."),
+    backend: str = typer.Option(
+        "auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch."
+    ),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
+    long_side: int | None = typer.Option(None, help="Model input long side (default: model's)."),
+    flip: bool = typer.Option(False, "--flip", help="Average with the mirrored image (TTA)."),
+    scales: str = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25."),
+    tile: bool = typer.Option(False, "--tile", help="Sliding windows on large images."),
+    zoom: bool = typer.Option(False, "--zoom", help="Second, zoomed-in pass on small people."),
+    mlflow_uri: str | None = typer.Option(
+        None,
+        "--mlflow",
+        help="Log scores and report to this MLflow store, e.g. sqlite:///runs/mlflow.db.",
+    ),
 ) -> None:
-    """Score predictions per level of the class tree (one confusion matrix over the split)."""
+    """Score a model (or a folder of predictions) per level of the class tree."""
+    if (model is None) == (pred_dir is None):
+        raise fail("give either --model (one or more) or --pred-dir")
     try:
         dataset = open_dataset(data, split, format)
-        with progress_bar(len(dataset), f"scoring {split}") as advance:
-            scores = score_prediction_dir(dataset, pred_dir, advance)
+        if pred_dir is not None:
+            with progress_bar(len(dataset), f"scoring {split}") as advance:
+                scores = score_prediction_dir(dataset, pred_dir, advance)
+            result = None
+        else:
+            from hiseg.evaluation import evaluate_model
+            from hiseg.predictor import ModelError, load
+
+            try:
+                predictor = load(
+                    model,
+                    backend=backend,
+                    threads=threads,
+                    long_side=long_side,
+                    flip=flip,
+                    scales=parse_scales(scales),
+                    tile=tile,
+                    zoom=zoom,
+                )
+            except ModelError as err:
+                raise fail(str(err)) from None
+            n = min(limit or len(dataset), len(dataset))
+            with progress_bar(n, f"evaluating on {split}") as advance:
+                result = evaluate_model(predictor, dataset, limit, advance, save_dir=save_pred)
+            scores = result.scores()
     except (DatasetError, TreeError) as err:
         raise fail(str(err)) from None
     except EvaluationError as err:
@@ -217,6 +264,15 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(scores, indent=2))
         console.print(f"saved {json_out}", highlight=False)
+    if report is not None:
+        if result is None:
+            raise fail("--report needs --model (the report shows the model's worst images)")
+        from hiseg.report import log_report_to_mlflow, write_report
+
+        console.print(f"report saved to {write_report(result, report)}", highlight=False)
+        if mlflow_uri:
+            run_id = log_report_to_mlflow(report, scores, mlflow_uri)
+            console.print(f"logged to MLflow run {run_id}", highlight=False)
 
 
 def _fmt(value: float | None) -> str:
@@ -242,6 +298,16 @@ def print_scores(scores: dict[str, Any]) -> None:
         f"pixel accuracy: {_fmt(scores['pixel_accuracy'])}",
         highlight=False,
     )
+    if "by_size" in scores:
+        table = Table(title="mIoU by person size (share of the image per person region)")
+        table.add_column("size")
+        table.add_column("regions", justify="right")
+        for k in scores["levels"]:
+            table.add_column(f"mIoU{k}", justify="right")
+        for bucket, s in scores["by_size"].items():
+            levels = [_fmt(level["miou"]) for level in s["levels"].values()]
+            table.add_row(bucket, str(s["regions"]), *levels)
+        console.print(table)
 
 
 # -- train ------------------------------------------------------------------------------------

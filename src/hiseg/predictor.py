@@ -4,7 +4,9 @@
 :class:`Result` with leaf probabilities at the original size, the top-down decoded leaf labels,
 per-level maps, an overlay and a summary. Several models with the same tree are an ensemble: their
 probabilities are averaged. Test-time augmentation (horizontal flip, several scales) averages
-probabilities too.
+probabilities too. Two optional refinements reuse the same pass on parts of the image: sliding
+windows at native resolution for images much larger than the model size (``tile``), and a second,
+zoomed-in look at each small person (``zoom``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
-from hiseg.data import person_regions
+from hiseg.data import MIN_REGION_PIXELS, person_regions
 from hiseg.images import read_image
 from hiseg.inference import letterbox, normalize, softmax, unletterbox
 from hiseg.taxonomy import Tree
@@ -28,6 +31,10 @@ from hiseg.visualize import overlay_with_legend
 #: ONNX metadata key holding the JSON description written by ``hiseg export``.
 METADATA_KEY = "hiseg"
 DEFAULT_MODEL = "pascal-person-part"
+#: Tiling starts when the image's long side exceeds the model size by this factor.
+TILE_FACTOR = 1.5
+#: A zoom-in is skipped unless the crop is seen at least this much larger than in the full pass.
+MIN_ZOOM = 1.5
 
 
 class ModelError(ValueError):
@@ -190,7 +197,17 @@ class Result:
 
 
 class Predictor:
-    """Runs one model or an ensemble, with optional flip / multi-scale test-time augmentation."""
+    """Runs one model or an ensemble, with optional flip / multi-scale test-time augmentation,
+    sliding windows for large images (``tile``) and a zoomed-in second pass on small people
+    (``zoom``).
+
+    Zoom-in: pixels whose body probability (1 - P(background)) reaches ``zoom_threshold`` form
+    connected components; each one covering less than ``zoom_max_share`` of the image is cropped
+    with ``zoom_margin`` (times its longer side) of context on every side, squared and clipped to
+    the image, run again at the model size, and its probabilities are blended into the crop with
+    weight ``zoom_weight`` (1 replaces them), except on pixels of other components: a large
+    neighbour cut by the crop keeps its full-image probabilities.
+    """
 
     def __init__(
         self,
@@ -198,6 +215,12 @@ class Predictor:
         long_side: int | None = None,
         flip: bool = False,
         scales: Sequence[float] = (1.0,),
+        tile: bool = False,
+        zoom: bool = False,
+        zoom_threshold: float = 0.35,
+        zoom_margin: float = 0.25,
+        zoom_max_share: float = 0.05,
+        zoom_weight: float = 0.5,
     ):
         if not backends:
             raise ModelError("no model given")
@@ -210,9 +233,25 @@ class Predictor:
         self.long_side = long_side or backends[0].long_side
         self.flip = flip
         self.scales = tuple(scales)
+        self.tile = tile
+        self.zoom = zoom
+        self.zoom_threshold = zoom_threshold
+        self.zoom_margin = zoom_margin
+        self.zoom_max_share = zoom_max_share
+        self.zoom_weight = zoom_weight
 
     def leaf_probs(self, image: np.ndarray) -> np.ndarray:
-        """(leaves, H, W) probabilities at the image's size, averaged over models and TTA."""
+        """(leaves, H, W) probabilities at the image's size: the full pass, averaged with the
+        sliding windows when tiling applies, then refined on small people when zooming."""
+        probs = self.pass_probs(image)
+        if self.tile and max(image.shape[:2]) > TILE_FACTOR * self.long_side:
+            probs = (probs + self.tiled_probs(image)) / 2
+        if self.zoom:
+            probs = self.zoomed_probs(image, probs)
+        return probs
+
+    def pass_probs(self, image: np.ndarray) -> np.ndarray:
+        """One look at an image or crop, averaged over models and TTA, at the input's size."""
         total = np.zeros((self.tree.num_leaves, *image.shape[:2]), np.float32)
         n = 0
         for backend in self.backends:
@@ -228,6 +267,48 @@ class Predictor:
                     total += unletterbox(p, box)
                     n += 1
         return total / n
+
+    def tiled_probs(self, image: np.ndarray) -> np.ndarray:
+        """Half-overlapping model-size windows at native resolution, blended with weights that
+        fall off toward each window's border (where the network lacks context)."""
+        h, w = image.shape[:2]
+        size = self.long_side
+        total = np.zeros((self.tree.num_leaves, h, w), np.float32)
+        weight = np.zeros((h, w), np.float32)
+        for y in _window_starts(h, size):
+            for x in _window_starts(w, size):
+                crop = image[y : y + size, x : x + size]
+                ch, cw = crop.shape[:2]
+                ramp = np.outer(_tent(ch), _tent(cw))
+                total[:, y : y + ch, x : x + cw] += self.pass_probs(crop) * ramp
+                weight[y : y + ch, x : x + cw] += ramp
+        return total / weight
+
+    def zoomed_probs(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """``probs`` with each small person's crop replaced by (blended with) a zoomed-in pass."""
+        h, w = image.shape[:2]
+        bg = int(self.tree.leaf_index(np.array(self.tree.background.value)))
+        body = (1 - probs[bg] >= self.zoom_threshold).astype(np.uint8)
+        count, regions, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=8)
+        total = np.zeros_like(probs)
+        weight = np.zeros((h, w), np.float32)
+        for i, (x, y, bw, bh, area) in enumerate(stats[1:count], start=1):
+            if not MIN_REGION_PIXELS <= area < self.zoom_max_share * h * w:
+                continue
+            y0, y1, x0, x1 = _zoom_box(x, y, bw, bh, self.zoom_margin, h, w)
+            if max(y1 - y0, x1 - x0) * MIN_ZOOM > max(h, w):
+                continue
+            crop = regions[y0:y1, x0:x1]
+            own = ((crop == i) | (crop == 0)).astype(np.float32)  # never overwrite other people
+            total[:, y0:y1, x0:x1] += self.pass_probs(image[y0:y1, x0:x1]) * own
+            weight[y0:y1, x0:x1] += own
+        zoomed = weight > 0
+        if not zoomed.any():
+            return probs
+        out = probs.copy()
+        refined = total[:, zoomed] / weight[zoomed]
+        out[:, zoomed] = (1 - self.zoom_weight) * probs[:, zoomed] + self.zoom_weight * refined
+        return out
 
     def predict(self, image: np.ndarray | str | Path) -> Result:
         path = None
@@ -248,9 +329,36 @@ def load(
     long_side: int | None = None,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    tile: bool = False,
+    zoom: bool = False,
 ) -> Predictor:
     """A predictor for a bundled model name, an ``.onnx`` file, a ``.ckpt`` checkpoint, or a
     list of them (an ensemble). ``None`` is the default bundled model."""
     names = [model] if model is None or isinstance(model, (str, Path)) else list(model)
     backends = [load_backend(name, backend, threads) for name in names]
-    return Predictor(backends, long_side=long_side, flip=flip, scales=scales)
+    return Predictor(backends, long_side=long_side, flip=flip, scales=scales, tile=tile, zoom=zoom)
+
+
+def _window_starts(length: int, size: int) -> list[int]:
+    """Window origins along one axis: first and last flush with the edges, half-overlapping."""
+    if length <= size:
+        return [0]
+    n = -(-(length - size) // (size // 2)) + 1
+    return np.linspace(0, length - size, n).round().astype(int).tolist()
+
+
+def _tent(n: int) -> np.ndarray:
+    """Blending weights along a window: 1 in the middle, 0.1 at the borders (never 0)."""
+    return (1 - 0.9 * np.abs(np.linspace(-1, 1, n))).astype(np.float32)
+
+
+def _zoom_box(
+    x: int, y: int, bw: int, bh: int, margin: float, h: int, w: int
+) -> tuple[int, int, int, int]:
+    """A square around a box with ``margin`` of its longer side on each side, clipped to the
+    image: (y0, y1, x0, x1)."""
+    half = max(bw, bh) * (0.5 + margin)
+    cy, cx = y + bh / 2, x + bw / 2
+    y0, y1 = max(0, round(cy - half)), min(h, round(cy + half))
+    x0, x1 = max(0, round(cx - half)), min(w, round(cx + half))
+    return y0, y1, x0, x1

@@ -1,0 +1,43 @@
+"""The shipped default model: loads with ONNX Runtime and gives sane per-level IoU on real images.
+
+Thresholds sit well below the measured numbers (MODEL_CARD.md), so this fails only when something
+breaks (a corrupt file, wrong metadata, wrong preprocessing or decoding), not on noise.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from hiseg.data import open_dataset
+from hiseg.metrics import ConfusionMatrix
+from hiseg.predictor import DEFAULT_MODEL, bundled_models, load
+
+pytestmark = pytest.mark.skipif(
+    DEFAULT_MODEL not in bundled_models(), reason="no bundled default model in this checkout"
+)
+
+
+def test_default_model_scores_sanely_on_20_val_images(pascal_root):
+    predictor = load(threads=2)
+    assert predictor.tree.name == "pascal-person-part"
+    val = open_dataset(pascal_root, "val")
+    cm = ConfusionMatrix(val.tree)
+    for sample in val.samples[::17][:20]:
+        image, labels = val.read(sample)
+        cm.update(labels, predictor.predict(image).labels)
+    levels = cm.scores()["levels"]
+    assert levels["0"]["miou"] > 0.65
+    assert levels["1"]["miou"] > 0.45
+    assert levels["2"]["miou"] > 0.30
+
+
+def test_default_prediction_never_imports_torch(tmp_path):
+    code = (
+        "import sys, numpy as np, hiseg\n"
+        "r = hiseg.load().predict(np.zeros((64, 48, 3), np.uint8))\n"
+        "assert r.labels.shape == (64, 48)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
