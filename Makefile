@@ -5,16 +5,15 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # torch/torchvision pinned to the releases this machine kind serves locally (see the file).
 CONSTRAINTS := requirements/constraints.txt
-DATA ?= ../shared/data
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test lint clean-venv bench-person
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Light runtime (no torch) plus matplotlib for the stats plot.
+# Light runtime only: no torch, no training stack.
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[plot]'
+	$(PIP) -e .
 	touch $@
 
 # Everything: training stack and test tools.
@@ -22,19 +21,25 @@ $(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) -c $(CONSTRAINTS) -e '.[train,dev]'
 	touch $@ $(VENV)/.runtime
 
+# Segments the bundled public-domain photos with the bundled model, on ONNX Runtime.
 demo: $(VENV)/.runtime
-	@echo "hiseg demo: no shipped model yet, so the demo checks and describes the real data set."
-	@if [ ! -d "$(DATA)/pascal-person-part" ]; then \
-		echo "$(DATA)/pascal-person-part not found: set DATA=/path/to/data"; exit 1; fi
-	$(BIN)/hiseg tree show pascal-person-part
-	$(BIN)/hiseg data check $(DATA)/pascal-person-part --split val
-	$(BIN)/hiseg data stats $(DATA)/pascal-person-part --split val --out runs/demo
+	$(BIN)/hiseg predict examples/astronaut.jpg examples/group.jpg --levels --json -o runs/demo
+	@echo "label maps, overlays, one mask per level and JSON summaries are in runs/demo/"
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 test: lint
 	$(BIN)/pytest
 
 clean-venv:
 	rm -rf $(VENV)
+
+# hiseg's person model against MediaPipe on PicsArt valid, in a separate venv (MediaPipe is a
+# benchmark-only dependency).
+.venv-bench/bin/python:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet -e . mediapipe==0.10.14
+
+bench-person: .venv-bench/bin/python
+	.venv-bench/bin/python benchmarks/person_vs_mediapipe.py --threads 2

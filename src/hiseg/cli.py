@@ -351,6 +351,24 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+#: ``hiseg predict`` prints a per-node table for each image when given at most this many.
+SUMMARY_TABLES_UP_TO = 5
+
+
+def print_summary(item: dict[str, Any]) -> None:
+    """Pixel share per node per level, and the number of people, of one predicted image."""
+    title = f"{item['image']}: {item['width']}x{item['height']}, {item['people']} person region(s)"
+    table = Table(title=title)
+    table.add_column("level")
+    table.add_column("node")
+    table.add_column("share", justify="right")
+    for k, shares in item["levels"].items():
+        for i, (node, share) in enumerate(shares.items()):
+            table.add_row(k if i == 0 else "", node, f"{share:.1%}")
+        table.add_section()
+    console.print(table)
+
+
 @app.command("predict")
 def predict_command(
     inputs: list[str] = typer.Argument(
@@ -397,6 +415,9 @@ def predict_command(
     failed += report.failed
     if summary:
         (out / "summary.json").write_text(json.dumps(report.summaries, indent=2))
+    if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
+        for item in report.summaries:
+            print_summary(item)
     n_ok = len(sources) - len(report.failed)
     console.print(f"segmented {n_ok} of {len(sources)} input(s); results saved to {out}/")
     for name, reason in failed:

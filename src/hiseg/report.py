@@ -8,6 +8,7 @@ prediction). Plots use matplotlib's Agg backend, so no display is needed.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,24 @@ def log_report_to_mlflow(
         mlflow.log_metrics(flat_metrics(scores))
         mlflow.log_artifacts(str(out_dir), artifact_path="eval")
     return run.info.run_id
+
+
+def plot_history(history_csv: str | Path, path: str | Path) -> Path:
+    """Val mIoU per level per epoch from a run's ``history.csv`` (written by ``hiseg train``)."""
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    for key in sorted(k for k in rows[0] if k.startswith("miou")):
+        ax.plot(epochs, [float(r[key]) for r in rows], marker="o", label=f"mIoU{key[4:]}")
+    ax.set(
+        xlabel="epoch", ylabel="val mIoU (background excluded)", title=Path(history_csv).parent.name
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
