@@ -68,6 +68,9 @@ def onnx_backend(path: Path, threads: int | None = None) -> Backend:
     options = ort.SessionOptions()
     options.intra_op_num_threads = _threads(threads)
     options.inter_op_num_threads = 1
+    # Idle ORT threads otherwise spin after each run and starve the NumPy steps around it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types
