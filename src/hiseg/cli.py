@@ -102,10 +102,13 @@ def tree_show(tree: str = typer.Argument(..., help="Builtin tree name or tree YA
 # -- data -------------------------------------------------------------------------------------
 
 
-def _splits(path: Path, split: str | None, fmt: str) -> list[str]:
+def _datasets(path: Path, split: str | None, fmt: str) -> Iterator:
+    """The named split, or every split, of a dataset folder; a clear error if it can't open."""
     try:
-        return [split] if split else dataset_splits(path, fmt)
-    except DatasetError as err:
+        names = [split] if split else dataset_splits(path, fmt)
+        for name in names:
+            yield open_dataset(path, name, fmt)
+    except (DatasetError, TreeError, OSError) as err:
         raise fail(str(err)) from None
 
 
@@ -117,11 +120,8 @@ def data_check(
 ) -> None:
     """Check every sample; report each problem with its file. Exit 1 if any."""
     problems = []
-    for name in _splits(path, split, format):
-        try:
-            dataset = open_dataset(path, name, format)
-        except (DatasetError, TreeError, OSError) as err:
-            raise fail(str(err)) from None
+    for dataset in _datasets(path, split, format):
+        name = dataset.split
         with progress_bar(len(dataset), f"checking {name}") as advance:
             found = check_dataset(dataset, advance)
         for problem in found:
@@ -141,11 +141,8 @@ def data_stats(
     out: Path = typer.Option(Path("runs/stats"), help="Folder for the PNG and JSON."),
 ) -> None:
     """Image sizes, pixel share per node per level, and person sizes, as tables and a PNG."""
-    for name in _splits(path, split, format):
-        try:
-            dataset = open_dataset(path, name, format)
-        except (DatasetError, TreeError, OSError) as err:
-            raise fail(str(err)) from None
+    for dataset in _datasets(path, split, format):
+        name = dataset.split
         with progress_bar(len(dataset), f"reading {name}") as advance:
             stats = dataset_stats(dataset, advance)
         summary = stats.to_dict()
@@ -163,6 +160,19 @@ def data_stats(
             console.print(f"[yellow]skipped[/] {problem}", highlight=False)
 
 
+def share_table(title: str, levels: dict[str, dict[str, float]], number: str) -> Table:
+    """A table of the share of each node, level by level."""
+    table = Table(title=title)
+    table.add_column("level")
+    table.add_column("node")
+    table.add_column("share", justify="right")
+    for k, shares in levels.items():
+        for i, (node, share) in enumerate(shares.items()):
+            table.add_row(k if i == 0 else "", node, number.format(share))
+        table.add_section()
+    return table
+
+
 def _print_stats(title: str, s: dict[str, Any]) -> None:
     w, h = s["width"], s["height"]
     console.print(
@@ -170,15 +180,7 @@ def _print_stats(title: str, s: dict[str, Any]) -> None:
         f"(median {w['median']:.0f}), height {h['min']}-{h['max']} (median {h['median']:.0f})",
         highlight=False,
     )
-    table = Table(title="pixel share per node")
-    table.add_column("level")
-    table.add_column("node")
-    table.add_column("share", justify="right")
-    for k, shares in s["levels"].items():
-        for i, (node, share) in enumerate(shares.items()):
-            table.add_row(k if i == 0 else "", node, f"{share:.2%}")
-        table.add_section()
-    console.print(table)
+    console.print(share_table("pixel share per node", s["levels"], "{:.2%}"))
     regions = s["person_regions"]
     table = Table(
         title=f"person regions ({regions['count']}, median {regions['median_share']:.1%} of image)"
@@ -358,15 +360,7 @@ SUMMARY_TABLES_UP_TO = 5
 def print_summary(item: dict[str, Any]) -> None:
     """Pixel share per node per level, and the number of people, of one predicted image."""
     title = f"{item['image']}: {item['width']}x{item['height']}, {item['people']} person region(s)"
-    table = Table(title=title)
-    table.add_column("level")
-    table.add_column("node")
-    table.add_column("share", justify="right")
-    for k, shares in item["levels"].items():
-        for i, (node, share) in enumerate(shares.items()):
-            table.add_row(k if i == 0 else "", node, f"{share:.1%}")
-        table.add_section()
-    console.print(table)
+    console.print(share_table(title, item["levels"], "{:.1%}"))
 
 
 @app.command("predict")
