@@ -111,3 +111,25 @@ def test_absent_webcam_is_reported_not_hung(tiny_checkpoint, tmp_path):
     )
     assert result.exit_code == 1
     assert "webcam 7: cannot open the video or camera" in result.output
+
+
+def test_clean_removes_islands_and_fills_holes():
+    from hiseg.postprocess import clean_labels
+    from hiseg.taxonomy import load_tree
+
+    tree = load_tree("pascal-person-part")
+    probs = np.zeros((7, 40, 40), np.float32)
+    probs[0] = 0.9  # background everywhere ...
+    probs[2, 5:35, 5:35], probs[0, 5:35, 5:35] = 0.9, 0.05  # ... but a torso square
+    probs[4, 5:35, 5:35] = 0.05  # head second likeliest inside it
+    probs[1:, :, :] += 0.001
+    labels = tree.decode(probs)
+    labels[1:3, 1:3] = 4  # a 4-pixel island of head on the background
+    labels[18:20, 18:20] = 0  # a 4-pixel hole in the torso
+    labels[10:12, 10:12] = 4  # a 4-pixel head island inside the torso
+    cleaned = clean_labels(probs, labels, tree, min_pixels=10)
+    assert (cleaned[1:3, 1:3] == 0).all()
+    assert (cleaned[18:20, 18:20] == 2).all()
+    assert (cleaned[10:12, 10:12] == 2).all()
+    assert (cleaned[0, :] == 0).all()  # the large background touching the border stays
+    np.testing.assert_array_equal(clean_labels(probs, labels, tree, 0), labels)

@@ -221,6 +221,9 @@ def evaluate(
     scales: str = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25."),
     tile: bool = typer.Option(False, "--tile", help="Sliding windows on large images."),
     zoom: bool = typer.Option(False, "--zoom", help="Second, zoomed-in pass on small people."),
+    clean: int = typer.Option(
+        0, "--clean", help="Remove islands / fill holes under N pixels, per level (0 = off)."
+    ),
     mlflow_uri: str | None = typer.Option(
         None,
         "--mlflow",
@@ -250,6 +253,7 @@ def evaluate(
                     scales=parse_scales(scales),
                     tile=tile,
                     zoom=zoom,
+                    clean=clean,
                 )
             except ModelError as err:
                 raise fail(str(err)) from None
@@ -383,6 +387,9 @@ def predict_command(
     flip: bool = typer.Option(False, "--flip", help="Average with the mirrored image (TTA)."),
     scales: str = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25."),
     max_frames: int | None = typer.Option(None, help="Stop videos/webcams after N frames."),
+    clean: int = typer.Option(
+        0, "--clean", help="Remove islands / fill holes under N pixels, per level (0 = off)."
+    ),
 ) -> None:
     """Segment images, folders, videos or a webcam; results are saved under --out."""
     from hiseg.predictor import ModelError, load
@@ -400,6 +407,7 @@ def predict_command(
             long_side=long_side,
             flip=flip,
             scales=parse_scales(scales),
+            clean=clean,
         )
     except ModelError as err:
         raise fail(str(err)) from None

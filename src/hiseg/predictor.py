@@ -25,6 +25,7 @@ import numpy as np
 from hiseg.data import MIN_REGION_PIXELS, person_regions
 from hiseg.images import read_image
 from hiseg.inference import letterbox, normalize, softmax, unletterbox
+from hiseg.postprocess import clean_labels
 from hiseg.taxonomy import Tree
 from hiseg.visualize import overlay_with_legend
 
@@ -224,6 +225,7 @@ class Predictor:
         zoom_margin: float = 0.25,
         zoom_max_share: float = 0.05,
         zoom_weight: float = 0.5,
+        clean: int = 0,
     ):
         if not backends:
             raise ModelError("no model given")
@@ -242,6 +244,7 @@ class Predictor:
         self.zoom_margin = zoom_margin
         self.zoom_max_share = zoom_max_share
         self.zoom_weight = zoom_weight
+        self.clean = clean  # min region size in pixels for hiseg.postprocess; 0 = off
 
     def leaf_probs(self, image: np.ndarray) -> np.ndarray:
         """(leaves, H, W) probabilities at the image's size: the full pass, averaged with the
@@ -319,7 +322,10 @@ class Predictor:
             path = Path(image)
             image = read_image(path)
         probs = self.leaf_probs(image)
-        return Result(image, probs, self.tree.decode(probs), self.tree, path)
+        labels = self.tree.decode(probs)
+        if self.clean:
+            labels = clean_labels(probs, labels, self.tree, self.clean)
+        return Result(image, probs, labels, self.tree, path)
 
     def predict_batch(self, images: Sequence[np.ndarray | str | Path]) -> list[Result]:
         return [self.predict(image) for image in images]
@@ -334,12 +340,15 @@ def load(
     scales: Sequence[float] = (1.0,),
     tile: bool = False,
     zoom: bool = False,
+    clean: int = 0,
 ) -> Predictor:
     """A predictor for a bundled model name, an ``.onnx`` file, a ``.ckpt`` checkpoint, or a
     list of them (an ensemble). ``None`` is the default bundled model."""
     names = [model] if model is None or isinstance(model, (str, Path)) else list(model)
     backends = [load_backend(name, backend, threads) for name in names]
-    return Predictor(backends, long_side=long_side, flip=flip, scales=scales, tile=tile, zoom=zoom)
+    return Predictor(
+        backends, long_side=long_side, flip=flip, scales=scales, tile=tile, zoom=zoom, clean=clean
+    )
 
 
 def _window_starts(length: int, size: int) -> list[int]:

@@ -1,0 +1,38 @@
+"""Optional clean-up of a prediction: small islands removed and small holes filled, per level.
+
+One mechanism serves both: at each level, top-down, a connected region of one node smaller than
+``min_pixels`` is re-decided as if that node were impossible there (its leaves' probabilities set
+to zero), so the pixels go to the likeliest other node, consistently with the tree. A background
+region counts as a hole only when it does not touch the image border.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from hiseg.taxonomy import Tree
+
+
+def clean_labels(probs: np.ndarray, labels: np.ndarray, tree: Tree, min_pixels: int) -> np.ndarray:
+    """``labels`` with regions under ``min_pixels`` re-decided without their node."""
+    labels = labels.copy()
+    h, w = labels.shape
+    for level in tree.levels:
+        nodes = level.map(labels)
+        for j, node in enumerate(level.nodes):
+            mask = (nodes == j).astype(np.uint8)
+            count, regions, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            small = np.zeros(count, bool)
+            for i, (x, y, bw, bh, area) in enumerate(stats[1:count], start=1):
+                touches_border = x == 0 or y == 0 or x + bw == w or y + bh == h
+                is_hole = node is not tree.background or not touches_border
+                small[i] = area < min_pixels and is_hole
+            if not small[1:].any():
+                continue
+            where = small[regions]
+            suppressed = probs[:, where].copy()
+            suppressed[tree.leaf_index(np.array([leaf.value for leaf in node.leaves()]))] = 0
+            labels[where] = tree.decode(suppressed[:, :, None])[:, 0]
+            nodes = level.map(labels)
+    return labels
