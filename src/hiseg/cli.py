@@ -195,13 +195,57 @@ def _print_stats(title: str, s: dict[str, Any]) -> None:
 # -- eval -------------------------------------------------------------------------------------
 
 
+# Options shared by `predict` and `eval`: one declaration each, one loader.
+MODELS = typer.Option(
+    None, "--model", "-m", help="Bundled model name, .onnx or .ckpt; repeat for an ensemble."
+)
+BACKEND = typer.Option("auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch.")
+THREADS = typer.Option(None, help="CPU threads (default: all cores).")
+LONG_SIDE = typer.Option(None, help="Model input long side (default: model's).")
+FLIP = typer.Option(False, "--flip", help="Average with the mirrored image (TTA).")
+SCALES = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25.")
+TILE = typer.Option(False, "--tile", help="Sliding windows on large images.")
+ZOOM = typer.Option(False, "--zoom", help="Second, zoomed-in pass on small people.")
+CLEAN = typer.Option(
+    0, "--clean", help="Remove islands / fill holes under N pixels, per level (0 = off)."
+)
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise fail(f"--scales must be numbers separated by commas, not '{text}'") from None
+    if not scales or min(scales) <= 0:
+        raise fail(f"--scales must be positive, not '{text}'")
+    return scales
+
+
+def load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean):
+    """The predictor the shared options describe; a clear error if a model can't load."""
+    from hiseg.predictor import ModelError, load
+
+    try:
+        return load(
+            model or None,
+            backend=backend,
+            threads=threads,
+            long_side=long_side,
+            flip=flip,
+            scales=parse_scales(scales),
+            tile=tile,
+            zoom=zoom,
+            clean=clean,
+        )
+    except ModelError as err:
+        raise fail(str(err)) from None
+
+
 @app.command("eval")
 def evaluate(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     split: str = typer.Option("val", help="Split to score."),
-    model: list[str] | None = typer.Option(
-        None, "--model", "-m", help="Model (.onnx, .ckpt, bundled name); repeat for an ensemble."
-    ),
+    model: list[str] | None = MODELS,
     pred_dir: Path | None = typer.Option(
         None, "--pred-dir", help="Or: a folder of <id>.png predicted leaf label maps."
     ),
@@ -212,18 +256,14 @@ def evaluate(
     ),
     save_pred: Path | None = typer.Option(None, help="Save the model's label maps here."),
     limit: int | None = typer.Option(None, help="Score only the first N images."),
-    backend: str = typer.Option(
-        "auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch."
-    ),
-    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
-    long_side: int | None = typer.Option(None, help="Model input long side (default: model's)."),
-    flip: bool = typer.Option(False, "--flip", help="Average with the mirrored image (TTA)."),
-    scales: str = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25."),
-    tile: bool = typer.Option(False, "--tile", help="Sliding windows on large images."),
-    zoom: bool = typer.Option(False, "--zoom", help="Second, zoomed-in pass on small people."),
-    clean: int = typer.Option(
-        0, "--clean", help="Remove islands / fill holes under N pixels, per level (0 = off)."
-    ),
+    backend: str = BACKEND,
+    threads: int | None = THREADS,
+    long_side: int | None = LONG_SIDE,
+    flip: bool = FLIP,
+    scales: str = SCALES,
+    tile: bool = TILE,
+    zoom: bool = ZOOM,
+    clean: int = CLEAN,
     mlflow_uri: str | None = typer.Option(
         None,
         "--mlflow",
@@ -241,22 +281,10 @@ def evaluate(
             result = None
         else:
             from hiseg.evaluation import evaluate_model
-            from hiseg.predictor import ModelError, load
 
-            try:
-                predictor = load(
-                    model,
-                    backend=backend,
-                    threads=threads,
-                    long_side=long_side,
-                    flip=flip,
-                    scales=parse_scales(scales),
-                    tile=tile,
-                    zoom=zoom,
-                    clean=clean,
-                )
-            except ModelError as err:
-                raise fail(str(err)) from None
+            predictor = load_predictor(
+                model, backend, threads, long_side, flip, scales, tile, zoom, clean
+            )
             n = min(limit or len(dataset), len(dataset))
             with progress_bar(n, f"evaluating on {split}") as advance:
                 result = evaluate_model(predictor, dataset, limit, advance, save_dir=save_pred)
@@ -347,16 +375,6 @@ def train_command(
 # -- predict ----------------------------------------------------------------------------------
 
 
-def parse_scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.split(","))
-    except ValueError:
-        raise fail(f"--scales must be numbers separated by commas, not '{text}'") from None
-    if not scales or min(scales) <= 0:
-        raise fail(f"--scales must be positive, not '{text}'")
-    return scales
-
-
 #: ``hiseg predict`` prints a per-node table for each image when given at most this many.
 SUMMARY_TABLES_UP_TO = 5
 
@@ -372,45 +390,29 @@ def predict_command(
     inputs: list[str] = typer.Argument(
         None, help="Images, folders, globs ('photos/*.jpg'), videos, or a webcam index."
     ),
-    model: list[str] | None = typer.Option(
-        None, "--model", "-m", help="Bundled model name, .onnx or .ckpt; repeat for an ensemble."
-    ),
+    model: list[str] | None = MODELS,
     source: str | None = typer.Option(None, "--source", help="Webcam index (e.g. 0) or input."),
     out: Path = typer.Option(Path("runs/predict"), "--out", "-o", help="Output folder."),
     levels: bool = typer.Option(False, "--levels", help="Also save one colour mask per level."),
     summary: bool = typer.Option(False, "--json", help="Also save a JSON summary per image."),
-    backend: str = typer.Option(
-        "auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch."
-    ),
-    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
-    long_side: int | None = typer.Option(None, help="Model input long side (default: model's)."),
-    flip: bool = typer.Option(False, "--flip", help="Average with the mirrored image (TTA)."),
-    scales: str = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25."),
+    backend: str = BACKEND,
+    threads: int | None = THREADS,
+    long_side: int | None = LONG_SIDE,
+    flip: bool = FLIP,
+    scales: str = SCALES,
+    tile: bool = TILE,
+    zoom: bool = ZOOM,
+    clean: int = CLEAN,
     max_frames: int | None = typer.Option(None, help="Stop videos/webcams after N frames."),
-    clean: int = typer.Option(
-        0, "--clean", help="Remove islands / fill holes under N pixels, per level (0 = off)."
-    ),
 ) -> None:
     """Segment images, folders, videos or a webcam; results are saved under --out."""
-    from hiseg.predictor import ModelError, load
     from hiseg.runner import Saver, expand_sources, run
 
     texts = list(inputs or []) + ([source] if source is not None else [])
     if not texts:
         raise fail("nothing to segment: give images, folders, globs, videos or --source 0")
     sources, failed = expand_sources(texts)
-    try:
-        predictor = load(
-            model or None,
-            backend=backend,
-            threads=threads,
-            long_side=long_side,
-            flip=flip,
-            scales=parse_scales(scales),
-            clean=clean,
-        )
-    except ModelError as err:
-        raise fail(str(err)) from None
+    predictor = load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean)
     saver = Saver(out, levels=levels, summary=summary)
     with progress_bar(len(sources), "segmenting") as advance:
         report = run(predictor, sources, saver, max_frames, on_image=lambda: advance(1))
