@@ -47,16 +47,13 @@ def main() -> None:
 
     dataset = open_dataset(args.data, args.split)
     predictor = hiseg.load(args.model, threads=args.threads)
-    person = (
-        predictor.tree.level(0).names.index("person") if "person" in predictor.tree.nodes else 1
-    )
     selfie = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
     scores = {"hiseg": ConfusionMatrix(dataset.tree), "mediapipe": ConfusionMatrix(dataset.tree)}
     times: dict[str, list[float]] = {"hiseg": [], "mediapipe": []}
     for image, labels in dataset:
         result, ms = timed(predictor.predict, image)
         times["hiseg"].append(ms)
-        scores["hiseg"].update(labels, (result.level(0) == person).astype(np.uint8))
+        scores["hiseg"].update(labels, predictor.tree.person_labels(result.labels))
         out, ms = timed(selfie.process, image)
         times["mediapipe"].append(ms)
         scores["mediapipe"].update(labels, (out.segmentation_mask > 0.5).astype(np.uint8))

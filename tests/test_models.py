@@ -111,7 +111,7 @@ def test_unknown_names_list_the_known_ones(tree):
         create_model("no-such-arch", LITE0, tree, pretrained=False)
     with pytest.raises(ValueError, match=r"unknown encoder 'no-such-encoder'.*resnet18"):
         create_model("fpn", "no-such-encoder", tree, pretrained=False)
-    with pytest.raises(ValueError, match="'linknet' cannot use encoder 'mit_b0'"):
+    with pytest.raises(ValueError, match="architecture 'linknet' on encoder 'mit_b0'"):
         create_model("linknet", "mit_b0", tree, pretrained=False)
 
 

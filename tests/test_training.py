@@ -139,3 +139,31 @@ def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
     saved = torch.load(tmp_path / "ddp" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 2  # 8 images / (2 processes x batch 2)
     assert [r["epoch"] for r in history(tmp_path / "ddp")] == ["0"]
+
+
+@pytest.mark.slow
+def test_last_checkpoint_follows_every_epoch_not_only_new_bests(tiny_data, tmp_path, monkeypatch):
+    """A run killed during epoch k must resume from the end of epoch k-1, even when no epoch
+    after the first improved the best score."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import hiseg.training
+
+    folder = tmp_path / "tiny"
+    seen = []  # global_step in last.ckpt as each epoch starts
+
+    class FirstIsBest(ModelCheckpoint):  # later epochs never improve the monitored score
+        def check_monitor_top_k(self, trainer, current=None) -> bool:
+            return not self.best_model_path
+
+    class Watch(hiseg.training.History):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if (folder / "last.ckpt").exists():
+                seen.append(torch.load(folder / "last.ckpt", weights_only=False)["global_step"])
+
+    monkeypatch.setattr(hiseg.training, "ModelCheckpoint", FirstIsBest)
+    monkeypatch.setattr(hiseg.training, "History", Watch)
+    extra = {"trainer.max_epochs": 4, "trainer.checkpoint_every_n_steps": 0}
+    train(tiny_config(tiny_data, tmp_path, **extra), track=False)
+    assert torch.load(folder / "best.ckpt", weights_only=False)["global_step"] == 2
+    assert seen == [2, 4, 6]

@@ -285,6 +285,12 @@ def evaluate(
             predictor = load_predictor(
                 model, backend, threads, long_side, flip, scales, tile, zoom, clean
             )
+            if predictor.tree.to_dict() != dataset.tree.to_dict():
+                console.print(
+                    f"the model's tree '{predictor.tree.name}' differs from the data's "
+                    f"'{dataset.tree.name}': scoring person vs background only",
+                    highlight=False,
+                )
             n = min(limit or len(dataset), len(dataset))
             with progress_bar(n, f"evaluating on {split}") as advance:
                 result = evaluate_model(predictor, dataset, limit, advance, save_dir=save_pred)

@@ -33,7 +33,12 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 2,
         "limit_val_images": None,  # score only the first N val images (for quick runs)
     },
-    "model": {"arch": "fpn", "encoder": "tf_efficientnet_lite0", "pretrained": True},
+    "model": {
+        "arch": "fpn",
+        "encoder": "tf_efficientnet_lite0",
+        "pretrained": True,
+        "decoder": {},  # the architecture's own options, e.g. decoder_pyramid_channels: 64
+    },
     "loss": {"kind": "ce", "level_weights": None, "dice": 0.0, "lovasz": 0.0, "tree_min": 0.0},
     "optim": {
         "lr": 1.0e-3,  # decoder and head
@@ -67,13 +72,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Mappings whose keys are passed through unchecked (the architecture's own options).
+FREE_FORM = {"model.decoder"}
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
+    """Merge ``update`` into ``base``, checking keys and types (except under ``FREE_FORM``)."""
     for key, value in update.items():
         path = f"{where}.{key}" if where else key
+        if where in FREE_FORM:
+            base[key] = value
+            continue
         if key not in base:
             known = ", ".join(sorted(base))
             raise ConfigError(f"unknown config key '{path}' (known here: {known})")

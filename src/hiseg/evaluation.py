@@ -28,7 +28,7 @@ from hiseg.data import (
 )
 from hiseg.images import ImageReadError, read_mask
 from hiseg.metrics import ConfusionMatrix
-from hiseg.taxonomy import IGNORE_VALUE, Tree
+from hiseg.taxonomy import IGNORE_VALUE, Tree, load_tree
 
 if TYPE_CHECKING:
     from hiseg.predictor import Predictor
@@ -169,8 +169,12 @@ def evaluate_model(
     one per person-size bucket (see :func:`size_bucket_map`), each image's mIoU at the finest
     level, and the ``keep_worst`` images of lowest mIoU. With ``save_dir``, each prediction is
     also written as ``<id>.png`` so it can be rescored or inspected.
+
+    A model whose tree differs from the dataset's (a part model on person masks, or the
+    reverse) is scored at the level both share: person vs background, in the ``person`` tree.
     """
-    tree = dataset.tree
+    same_tree = predictor.tree.to_dict() == dataset.tree.to_dict()
+    tree = dataset.tree if same_tree else load_tree("person")
     result = EvalResult(
         total=ConfusionMatrix(tree),
         by_size={name: ConfusionMatrix(tree) for name in BUCKET_NAMES},
@@ -186,6 +190,9 @@ def evaluate_model(
         except ImageReadError as err:
             raise EvaluationError(str(err)) from None
         pred = predictor.predict(image).labels
+        if not same_tree:
+            target = dataset.tree.person_labels(target)
+            pred = predictor.tree.person_labels(pred)
         if save_dir is not None:
             Image.fromarray(pred).save(save_dir / f"{sample.id}.png")
         try:

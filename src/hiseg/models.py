@@ -59,11 +59,14 @@ DOWNLOAD_TIMEOUT = 5.0
 class SegmentationModel(nn.Module):
     """An smp network plus what a checkpoint needs to rebuild it (see :meth:`config`)."""
 
-    def __init__(self, net: nn.Module, arch: str, encoder: str, tree: Tree):
+    def __init__(
+        self, net: nn.Module, arch: str, encoder: str, tree: Tree, decoder: dict[str, Any]
+    ):
         super().__init__()
         self.net = net
         self.arch = arch
         self.encoder = encoder
+        self.decoder = decoder
         self.tree = tree
         self.tree_name = tree.name
 
@@ -86,6 +89,7 @@ class SegmentationModel(nn.Module):
         return {
             "arch": self.arch,
             "encoder": self.encoder,
+            "decoder": self.decoder,
             "tree": self.tree.to_dict(),
             **{k: list(v) for k, v in preprocessing(self.encoder).items()},
             "output_stride": OUTPUT_STRIDE,
@@ -93,10 +97,16 @@ class SegmentationModel(nn.Module):
 
 
 def create_model(
-    arch: str, encoder: str, tree: Tree | str, pretrained: bool = True
+    arch: str,
+    encoder: str,
+    tree: Tree | str,
+    pretrained: bool = True,
+    decoder: dict[str, Any] | None = None,
 ) -> SegmentationModel:
     """Build ``arch`` on ``encoder`` with one output channel per leaf (``tree.leaves`` order).
 
+    ``decoder`` holds the architecture's own keyword arguments (e.g. FPN's
+    ``decoder_pyramid_channels``): narrower decoders trade accuracy for speed.
     ``pretrained`` loads ImageNet encoder weights: from the local packages for
     EfficientNet-Lite0/1/2, otherwise through smp/timm's download (RuntimeError when offline).
     """
@@ -105,6 +115,7 @@ def create_model(
         raise ValueError(f"unknown architecture '{arch}'; known: {', '.join(ARCHITECTURES)}")
     smp_name = _smp_encoder_name(encoder)
     tree = load_tree(tree) if isinstance(tree, str) else tree
+    decoder = dict(decoder or {})
     lite = _lite_index(smp_name)
     local_weights = pretrained and lite in LOCAL_LITE
     weights = None if not pretrained or local_weights else _default_weights(smp_name)
@@ -113,22 +124,25 @@ def create_model(
     try:
         with guard:
             net = ARCHITECTURES[arch_key](
-                encoder_name=smp_name, encoder_weights=weights, classes=tree.num_leaves
+                encoder_name=smp_name, encoder_weights=weights, classes=tree.num_leaves, **decoder
             )
     except (ValueError, TypeError, KeyError, NotImplementedError, AssertionError) as err:
+        options = f" with decoder options {decoder}" if decoder else ""
         raise ValueError(
-            f"architecture '{arch_key}' cannot use encoder '{smp_name}': {err}"
+            f"cannot build architecture '{arch_key}' on encoder '{smp_name}'{options}: {err}"
         ) from err
     if local_weights:
         _load_encoder_state(net, load_lite_imagenet_state(smp_name))
-    return SegmentationModel(net, arch_key, smp_name, tree)
+    return SegmentationModel(net, arch_key, smp_name, tree, decoder)
 
 
 def model_from_config(config: dict[str, Any]) -> SegmentationModel:
     """Rebuild a model from :meth:`SegmentationModel.config`, without pretrained weights."""
     tree = config["tree"]
     tree = load_tree(tree) if isinstance(tree, str) else Tree.from_dict(tree, source="config")
-    return create_model(config["arch"], config["encoder"], tree, pretrained=False)
+    return create_model(
+        config["arch"], config["encoder"], tree, pretrained=False, decoder=config.get("decoder")
+    )
 
 
 def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, dict[str, Any]]:

@@ -244,6 +244,15 @@ class Tree:
         inside = (values >= 0) & (values < 256)
         return np.where(inside, lut[np.clip(values, 0, 255)], -1)
 
+    def person_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Leaf values -> the builtin ``person`` tree's values: 0 background, 1 any other leaf;
+        ignore pixels stay ignored. Lets models and datasets with different trees be compared
+        at the level they share, person vs background."""
+        labels = np.asarray(labels)
+        out = (labels != self.background.value).astype(np.uint8)
+        out[labels == IGNORE_VALUE] = IGNORE_VALUE
+        return out
+
     def membership(self, k: int) -> np.ndarray:
         """(num_leaves, nodes of level k) 0/1 matrix: leaf channel i belongs to node j.
 

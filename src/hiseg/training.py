@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -89,7 +89,9 @@ class SegmentationTask(L.LightningModule):
         self.tree = Tree.from_dict(tree)
         m = config["model"]
         use_pretrained = m["pretrained"] if pretrained is None else pretrained
-        self.model = create_model(m["arch"], m["encoder"], self.tree, pretrained=use_pretrained)
+        self.model = create_model(
+            m["arch"], m["encoder"], self.tree, pretrained=use_pretrained, decoder=m["decoder"]
+        )
         if config["trainer"]["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(self.tree, config["loss"])
@@ -198,6 +200,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+class SaveLast(Checkpoint):
+    """``last.ckpt`` after every epoch (validation included) and every ``every_n_steps`` steps.
+
+    ModelCheckpoint's ``save_last`` is not enough: Lightning 2.6 refreshes it at epoch end only
+    when that epoch also saved a top-k checkpoint, so ``--resume`` would lose the epoch.
+    """
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path = path
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+
+
 class History(Callback):
     """Per-epoch mean train loss and val scores appended to ``history.csv`` in the run folder."""
 
@@ -288,16 +310,9 @@ def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Traine
             monitor="val/score",
             mode="max",
             save_top_k=1,
-            save_last=True,  # last.ckpt after every epoch's validation
             enable_version_counter=False,
         ),
-        ModelCheckpoint(  # and refreshed every N steps within long epochs
-            dirpath=folder,
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=t["checkpoint_every_n_steps"],
-            enable_version_counter=False,
-        ),
+        SaveLast(folder / "last.ckpt", t["checkpoint_every_n_steps"]),
         History(folder / "history.csv"),
     ]
     if not t["progress_bar"]:
