@@ -147,6 +147,19 @@ def test_evaluate_model_and_report(predictor, pascal_root, tmp_path):
     assert "IoU by person size" in text and result.worst[0].id in text
 
 
+def test_a_part_model_is_scored_on_person_masks_as_person_vs_background(predictor, picsart_root):
+    dataset = open_dataset(picsart_root, "valid")
+    dataset.samples = dataset.samples[:4]
+    scores = evaluate_model(predictor, dataset).scores()
+    assert scores["tree"] == "person" and list(scores["levels"]) == ["0"]
+    independent = ConfusionMatrix(load_tree("person"))
+    for image, target in dataset:
+        labels = predictor.predict(image).labels
+        independent.update(target, predictor.tree.person_labels(labels))
+    assert scores["iou"] == pytest.approx(independent.scores()["iou"])
+    assert 0 < scores["iou"] < 1
+
+
 def test_log_report_to_mlflow(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     from hiseg.report import flat_metrics, log_report_to_mlflow

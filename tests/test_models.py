@@ -83,9 +83,14 @@ def test_input_size_need_not_be_a_multiple_of_32(tree):
         assert model(torch.randn(1, 3, 100, 75)).shape == (1, 7, 100, 75)
 
 
-def test_config_rebuilds_an_identical_model(tree):
-    model = create_model("fpn", f"tu-{LITE0}", tree, pretrained=False).eval()
+NARROW_FPN = {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 32}
+
+
+@pytest.mark.parametrize("decoder", [None, NARROW_FPN])
+def test_config_rebuilds_an_identical_model(tree, decoder):
+    model = create_model("fpn", f"tu-{LITE0}", tree, pretrained=False, decoder=decoder).eval()
     config = json.loads(json.dumps(model.config()))  # as stored in a checkpoint
+    assert config["decoder"] == (decoder or {})
     assert config["arch"] == "fpn" and config["encoder"] == f"tu-{LITE0}"
     assert config["mean"] == config["std"] == [0.5, 0.5, 0.5] and config["output_stride"] == 32
     rebuilt = model_from_config(config).eval()
@@ -95,6 +100,16 @@ def test_config_rebuilds_an_identical_model(tree):
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
+
+
+def test_decoder_options_reach_the_architecture(tree):
+    default = create_model("fpn", LITE0, tree, pretrained=False)
+    narrow = create_model("fpn", LITE0, tree, pretrained=False, decoder=NARROW_FPN)
+    assert narrow.net.decoder.seg_blocks[0].block[0].block[0].out_channels == 32
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(narrow) < count(default) - 1_000_000
+    with pytest.raises(ValueError, match=r"decoder options \{'bogus': 1\}"):
+        create_model("fpn", LITE0, tree, pretrained=False, decoder={"bogus": 1})
 
 
 def test_preprocessing_per_encoder():

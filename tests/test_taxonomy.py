@@ -60,6 +60,15 @@ def test_person_tree_maps_255_to_1():
     assert tree.is_binary and tree.num_levels == 1
 
 
+def test_person_labels_collapse_any_tree_to_person_vs_background():
+    parts = load_tree("pascal-person-part")
+    labels = np.array([[0, 4, 2], [3, IGNORE_VALUE, 1]], dtype=np.uint8)
+    assert parts.person_labels(labels).tolist() == [[0, 1, 1], [1, IGNORE_VALUE, 1]]
+    person = load_tree("person")
+    binary = np.array([[0, 1, IGNORE_VALUE]], dtype=np.uint8)
+    assert person.person_labels(binary).tolist() == binary.tolist()
+
+
 NESTED = """
 name: toy
 nodes:

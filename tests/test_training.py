@@ -96,6 +96,15 @@ def test_config_errors_name_the_key(tmp_path):
         load_config("configs/pascal-person-part.yaml", ["trainer.max_epochs"])
     config = load_config("configs/pascal-person-part.yaml", ["data.scale=[0.3, 1.0]"])
     assert config["data"]["scale"] == [0.3, 1.0] and config["name"] == "pascal-person-part"
+    # model.decoder passes the architecture's own options through unchecked
+    config = load_config("configs/picsart-person.yaml", ["model.decoder.upsampling=2"])
+    assert config["model"]["decoder"] == {
+        "decoder_pyramid_channels": 64,
+        "decoder_segmentation_channels": 32,
+        "upsampling": 2,
+    }
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.decoders'"):
+        load_config("configs/picsart-person.yaml", ["model.decoders.upsampling=2"])
 
 
 def test_lr_schedule_warms_up_then_decays():
