@@ -256,6 +256,9 @@ def evaluate(
     ),
     save_pred: Path | None = typer.Option(None, help="Save the model's label maps here."),
     limit: int | None = typer.Option(None, help="Score only the first N images."),
+    worst: int = typer.Option(
+        8, help="List (and show in the report) the N images of lowest mIoU, e.g. to find bad masks."
+    ),
     backend: str = BACKEND,
     threads: int | None = THREADS,
     long_side: int | None = LONG_SIDE,
@@ -293,7 +296,9 @@ def evaluate(
                 )
             n = min(limit or len(dataset), len(dataset))
             with progress_bar(n, f"evaluating on {split}") as advance:
-                result = evaluate_model(predictor, dataset, limit, advance, save_dir=save_pred)
+                result = evaluate_model(
+                    predictor, dataset, limit, advance, keep_worst=worst, save_dir=save_pred
+                )
             scores = result.scores()
     except (DatasetError, TreeError) as err:
         raise fail(str(err)) from None

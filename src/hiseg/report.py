@@ -23,6 +23,8 @@ SCORES_FILE = "scores.json"
 REPORT_FILE = "report.md"
 BY_SIZE_FILE = "by_size.png"
 GALLERY_FILE = "worst.png"
+#: The gallery shows at most this many of the worst images (the table lists them all).
+GALLERY_ROWS = 12
 
 
 def _pyplot():
@@ -160,7 +162,7 @@ def _markdown(scores: dict[str, Any], result: EvalResult) -> str:
         lines += ["", f"## The {len(result.worst)} worst images (finest-level mIoU)", ""]
         lines += ["| id | mIoU |", "| --- | ---: |"]
         lines += [f"| {e.id} | {e.miou:.4f} |" for e in result.worst]
-        lines += ["", f"![worst images]({GALLERY_FILE})"]
+        lines += ["", f"![the worst {GALLERY_ROWS} images]({GALLERY_FILE})"]
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +180,7 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
         )
     plot_by_size(scores, out / BY_SIZE_FILE)
     if result.worst:
-        plot_gallery(result.worst, tree, out / GALLERY_FILE)
+        plot_gallery(result.worst[:GALLERY_ROWS], tree, out / GALLERY_FILE)
     path = out / REPORT_FILE
     path.write_text(_markdown(scores, result))
     return path
