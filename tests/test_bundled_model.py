@@ -1,4 +1,4 @@
-"""The shipped default model: loads with ONNX Runtime and gives sane per-level IoU on real images.
+"""The shipped models load with ONNX Runtime and give sane per-level IoU on real images.
 
 Thresholds sit well below the measured numbers (MODEL_CARD.md), so this fails only when something
 breaks (a corrupt file, wrong metadata, wrong preprocessing or decoding), not on noise.
@@ -7,15 +7,13 @@ breaks (a corrupt file, wrong metadata, wrong preprocessing or decoding), not on
 import subprocess
 import sys
 
-import pytest
-
 from hiseg.data import open_dataset
 from hiseg.metrics import ConfusionMatrix
-from hiseg.predictor import DEFAULT_MODEL, bundled_models, load
+from hiseg.predictor import bundled_models, load
 
-pytestmark = pytest.mark.skipif(
-    DEFAULT_MODEL not in bundled_models(), reason="no bundled default model in this checkout"
-)
+
+def test_both_models_ship_with_the_package():
+    assert {"pascal-person-part", "person"} <= set(bundled_models())
 
 
 def test_default_model_scores_sanely_on_20_val_images(pascal_root):
@@ -30,6 +28,17 @@ def test_default_model_scores_sanely_on_20_val_images(pascal_root):
     assert levels["0"]["miou"] > 0.65
     assert levels["1"]["miou"] > 0.45
     assert levels["2"]["miou"] > 0.30
+
+
+def test_person_model_scores_sanely_on_20_valid_images(picsart_root):
+    predictor = load("person", threads=2)
+    assert predictor.tree.name == "person"
+    valid = open_dataset(picsart_root, "valid")
+    cm = ConfusionMatrix(valid.tree)
+    for sample in valid.samples[::7][:20]:
+        image, labels = valid.read(sample)
+        cm.update(labels, predictor.predict(image).labels)
+    assert cm.scores()["iou"] > 0.85
 
 
 def test_default_prediction_never_imports_torch(tmp_path):

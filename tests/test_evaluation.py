@@ -180,3 +180,19 @@ def test_log_report_to_mlflow(tmp_path, monkeypatch):
     assert client.get_run(run_id).data.metrics == flat_metrics(scores)
     assert "eval/iou0/person" in flat_metrics(scores)
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/report.md"]
+
+
+def test_cli_eval_across_trees_lists_the_worst_images(tiny_checkpoint, picsart_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from hiseg.cli import app
+
+    out = tmp_path / "scores.json"
+    args = ["eval", "--data", str(picsart_root), "--split", "valid", "--limit", "4"]
+    args += ["-m", str(tiny_checkpoint), "--worst", "2", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "scoring person vs background only" in " ".join(result.output.split())
+    scores = json.loads(out.read_text())
+    assert scores["tree"] == "person" and scores["n_images"] == 4
+    assert len(scores["worst"]) == 2
