@@ -16,15 +16,20 @@ def test_both_models_ship_with_the_package():
     assert {"pascal-person-part", "person"} <= set(bundled_models())
 
 
+def scores_on_20_images(predictor, root, split: str) -> dict:
+    """Scores of ``predictor`` on 20 images spread over the split."""
+    dataset = open_dataset(root, split)
+    cm = ConfusionMatrix(dataset.tree)
+    for sample in dataset.samples[:: len(dataset) // 20][:20]:
+        image, labels = dataset.read(sample)
+        cm.update(labels, predictor.predict(image).labels)
+    return cm.scores()
+
+
 def test_default_model_scores_sanely_on_20_val_images(pascal_root):
     predictor = load(threads=2)
     assert predictor.tree.name == "pascal-person-part"
-    val = open_dataset(pascal_root, "val")
-    cm = ConfusionMatrix(val.tree)
-    for sample in val.samples[::17][:20]:
-        image, labels = val.read(sample)
-        cm.update(labels, predictor.predict(image).labels)
-    levels = cm.scores()["levels"]
+    levels = scores_on_20_images(predictor, pascal_root, "val")["levels"]
     assert levels["0"]["miou"] > 0.65
     assert levels["1"]["miou"] > 0.45
     assert levels["2"]["miou"] > 0.30
@@ -33,12 +38,7 @@ def test_default_model_scores_sanely_on_20_val_images(pascal_root):
 def test_person_model_scores_sanely_on_20_valid_images(picsart_root):
     predictor = load("person", threads=2)
     assert predictor.tree.name == "person"
-    valid = open_dataset(picsart_root, "valid")
-    cm = ConfusionMatrix(valid.tree)
-    for sample in valid.samples[::7][:20]:
-        image, labels = valid.read(sample)
-        cm.update(labels, predictor.predict(image).labels)
-    assert cm.scores()["iou"] > 0.85
+    assert scores_on_20_images(predictor, picsart_root, "valid")["iou"] > 0.85
 
 
 def test_default_prediction_never_imports_torch(tmp_path):
