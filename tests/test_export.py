@@ -52,8 +52,16 @@ def test_export_has_dynamic_io_and_metadata(tiny_checkpoint, onnx_path):
     assert logits.shape == ["batch", 7, "height", "width"]
     meta = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     _, ckpt_meta = load_checkpoint(tiny_checkpoint)
-    assert meta == {**ckpt_meta, "version": hiseg.__version__, "precision": "fp32"}
+    expected = {"version": hiseg.__version__, "precision": "fp32", "defaults": {"clean": 0}}
+    assert meta == {**ckpt_meta, **expected}
     assert not list(onnx_path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_a_stored_clean_up_is_the_predictors_default(tiny_checkpoint, onnx_path, tmp_path):
+    cleaned = export_onnx(tiny_checkpoint, tmp_path / "cleaned.onnx", clean=50)
+    assert load(cleaned).clean == 50
+    assert load(cleaned, clean=0).clean == 0  # asked for explicitly: off
+    assert load(onnx_path).clean == 0
 
 
 def test_runtime_predicts_at_the_image_size(onnx_path, val):

@@ -207,7 +207,9 @@ SCALES = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25.")
 TILE = typer.Option(False, "--tile", help="Sliding windows on large images.")
 ZOOM = typer.Option(False, "--zoom", help="Second, zoomed-in pass on small people.")
 CLEAN = typer.Option(
-    0, "--clean", help="Remove islands / fill holes under N pixels, per level (0 = off)."
+    None,
+    "--clean",
+    help="Remove islands / fill holes under N pixels, per level (0 = off; default: the model's).",
 )
 
 
@@ -266,7 +268,7 @@ def evaluate(
     scales: str = SCALES,
     tile: bool = TILE,
     zoom: bool = ZOOM,
-    clean: int = CLEAN,
+    clean: int | None = CLEAN,
     mlflow_uri: str | None = typer.Option(
         None,
         "--mlflow",
@@ -413,7 +415,7 @@ def predict_command(
     scales: str = SCALES,
     tile: bool = TILE,
     zoom: bool = ZOOM,
-    clean: int = CLEAN,
+    clean: int | None = CLEAN,
     max_frames: int | None = typer.Option(None, help="Stop videos/webcams after N frames."),
 ) -> None:
     """Segment images, folders, videos or a webcam; results are saved under --out."""
@@ -457,6 +459,9 @@ def export_command(
     split: str = typer.Option("val", help="Split to check and score on."),
     limit: int | None = typer.Option(None, help="Score int8 on the first N images only."),
     format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    clean: int = typer.Option(
+        0, "--clean", help="Store this island / hole clean-up size as the model's default."
+    ),
 ) -> None:
     """Export a checkpoint to ONNX for the torch-free runtime; optionally an int8 copy."""
     if int8 and data is None:
@@ -473,7 +478,7 @@ def export_command(
         raise fail(f"export needs the train extra: pip install 'hiseg[train]' ({err})") from None
     out = out or checkpoint.with_suffix(".onnx")
     try:
-        export_onnx(checkpoint, out)
+        export_onnx(checkpoint, out, clean=clean)
     except (OSError, ValueError) as err:
         raise fail(str(err)) from None
     console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB, fp32)", highlight=False)

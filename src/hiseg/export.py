@@ -57,9 +57,13 @@ HEAD_PREFIX = "/net/segmentation_head/"
 FLOAT_OPS = ("InstanceNormalization",)
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> Path:
+def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17, clean: int = 0) -> Path:
     """Write ``checkpoint`` as one ONNX file, ``image`` (B, 3, H, W) -> ``logits``
-    (B, leaves, H, W) for any batch and size, with the checkpoint's metadata (``fp32``)."""
+    (B, leaves, H, W) for any batch and size, with the checkpoint's metadata (``fp32``).
+
+    ``clean`` is stored as the model's default clean-up (:mod:`hiseg.postprocess`), for models
+    where it was measured to help; the predictor uses it unless told otherwise.
+    """
     model, meta = load_checkpoint(checkpoint)
     side = int(meta["long_side"])
     example = torch.zeros(1, 3, side, side * 3 // 4)  # not a stride multiple: exercises the pad
@@ -79,7 +83,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> Pat
             dynamo=False,
         )
     proto = onnx.load_from_string(buffer.getvalue())
-    _set_metadata(proto, {**meta, "version": __version__, "precision": "fp32"})
+    defaults = {"clean": clean}
+    _set_metadata(
+        proto, {**meta, "version": __version__, "precision": "fp32", "defaults": defaults}
+    )
     onnx.checker.check_model(proto, full_check=True)
     return _save_atomic(proto, Path(out))
 

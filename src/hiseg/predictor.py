@@ -129,6 +129,11 @@ def torch_backend(path: Path, threads: int | None = None) -> Backend:
     )
 
 
+def model_default(backend: Backend, key: str, fallback: Any) -> Any:
+    """A setting the model was exported with (``hiseg export --clean``), else ``fallback``."""
+    return backend.meta.get("defaults", {}).get(key, fallback)
+
+
 def bundled_models() -> list[str]:
     """Names of the models shipped inside the package."""
     folder = resources.files("hiseg") / "weights"
@@ -225,7 +230,7 @@ class Predictor:
         zoom_margin: float = 0.25,
         zoom_max_share: float = 0.05,
         zoom_weight: float = 0.5,
-        clean: int = 0,
+        clean: int | None = None,
     ):
         if not backends:
             raise ModelError("no model given")
@@ -244,7 +249,8 @@ class Predictor:
         self.zoom_margin = zoom_margin
         self.zoom_max_share = zoom_max_share
         self.zoom_weight = zoom_weight
-        self.clean = clean  # min region size in pixels for hiseg.postprocess; 0 = off
+        # min region size in pixels for hiseg.postprocess; 0 = off; None = the model's default
+        self.clean = model_default(backends[0], "clean", 0) if clean is None else clean
 
     def leaf_probs(self, image: np.ndarray) -> np.ndarray:
         """(leaves, H, W) probabilities at the image's size: the full pass, averaged with the
@@ -340,7 +346,7 @@ def load(
     scales: Sequence[float] = (1.0,),
     tile: bool = False,
     zoom: bool = False,
-    clean: int = 0,
+    clean: int | None = None,
 ) -> Predictor:
     """A predictor for a bundled model name, an ``.onnx`` file, a ``.ckpt`` checkpoint, or a
     list of them (an ensemble). ``None`` is the default bundled model."""
