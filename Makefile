@@ -43,3 +43,5 @@ clean-venv:
 
 bench-person: .venv-bench/bin/python
 	.venv-bench/bin/python benchmarks/person_vs_mediapipe.py --threads 2
+	.venv-bench/bin/python benchmarks/person_vs_mediapipe.py --threads 2 \
+		--data ../shared/data/pascal-person-part --split val --out benchmarks/person_vs_mediapipe_pascal
