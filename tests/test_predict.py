@@ -133,3 +133,14 @@ def test_clean_removes_islands_and_fills_holes():
     assert (cleaned[10:12, 10:12] == 2).all()
     assert (cleaned[0, :] == 0).all()  # the large background touching the border stays
     np.testing.assert_array_equal(clean_labels(probs, labels, tree, 0), labels)
+
+
+def test_normalize_is_mean_std_scaling_channels_first():
+    from hiseg.inference import normalize
+
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = normalize(image, mean, std)
+    assert x.shape == (3, 5, 7) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+    want = (image / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(x, want.transpose(2, 0, 1), atol=1e-5)
