@@ -296,8 +296,8 @@ class Tree:
             pick = np.zeros(flat.shape[1], dtype=np.int16)
             for j, node in enumerate(level.nodes):
                 value = score(node)
-                if chosen is not None:
-                    value = value - 2.0 * (chosen != parents[j])  # type: ignore[index]
+                if chosen is not None:  # float32 throughout: a float64 penalty doubles the cost
+                    value = value - np.float32(2.0) * (chosen != parents[j])  # type: ignore[index]
                 better = value > best
                 np.maximum(best, value, out=best)
                 pick += better * (j - pick)
