@@ -71,7 +71,7 @@ def benchmark(
 
     ``model`` is a file or several; each brings its siblings (:func:`model_variants`). A
     ``.ckpt`` is timed in torch fp32 when torch is installed, every ``.onnx`` in ONNX Runtime
-    (precision from its metadata), and each fp32 ``.onnx`` also end to end on ``image``
+    (precision from its metadata), and each ``.onnx`` also end to end on ``image``
     (default: a random photo of ``PHOTO_HW``).
     """
     models = [model] if isinstance(model, (str, Path)) else model
@@ -97,7 +97,7 @@ def benchmark(
             times = _time_ms(partial(backend.run, x), runs, warmup)
             shape = "x".join(map(str, x.shape))
             rows.append({**row, "task": "forward", "input": shape, **_stats(times)})
-            if not checkpoint and row["precision"] == "fp32":
+            if not checkpoint:
                 predictor = Predictor([backend], long_side=size)
                 times = _time_ms(partial(predictor.predict, photo), runs, warmup)
                 fitted = letterbox(photo, size, backend.stride)[0].shape
