@@ -119,8 +119,9 @@ def test_benchmark_rows(tiny_checkpoint, onnx_path, int8_path, tmp_path):
         ("onnxruntime", "fp32", "forward"),
         ("onnxruntime", "fp32", "predict"),
         ("onnxruntime", "int8", "forward"),  # found beside the fp32 file
+        ("onnxruntime", "int8", "predict"),
     }
-    assert len(rows) == 8 and {r["input"] for r in rows if r["task"] == "forward"} == {
+    assert len(rows) == 10 and {r["input"] for r in rows if r["task"] == "forward"} == {
         "1x3x64x64",
         "1x3x96x96",
     }
