@@ -12,20 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import cv2
-import numpy as np
-
-from hiseg.data import open_dataset
-from hiseg.taxonomy import IGNORE_VALUE
+from hiseg.data import open_dataset, person_components
 
 HERE = Path(__file__).resolve().parent
-
-
-def islands(mask: np.ndarray) -> tuple[int, int, int]:
-    """(components, pixels outside the largest, foreground pixels) of a boolean mask."""
-    _, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    areas = sorted(stats[1:, cv2.CC_STAT_AREA], reverse=True)
-    return len(areas), int(sum(areas[1:])), int(sum(areas))
 
 
 def main() -> None:
@@ -35,11 +24,10 @@ def main() -> None:
     parser.add_argument("--min-pixels", type=int, default=200)
     args = parser.parse_args()
     dataset = open_dataset(args.data, args.split)
-    bg = dataset.tree.background.value
-    rows = []
+    rows = []  # id, components, pixels outside the largest, foreground pixels
     for sample in dataset.samples:
-        labels = dataset.read_labels(sample)
-        rows.append((sample.id, *islands((labels != bg) & (labels != IGNORE_VALUE))))
+        areas = sorted(person_components(dataset.read_labels(sample), dataset.tree)[1][1:])
+        rows.append((sample.id, len(areas), int(sum(areas[:-1])), int(sum(areas))))
     several = sum(r[1] > 1 for r in rows)
     flagged = sorted((r for r in rows if r[2] >= args.min_pixels), key=lambda r: -r[2] / r[3])
     command = f"python benchmarks/mask_islands.py --data {args.data} --split {args.split}"

@@ -290,7 +290,7 @@ def evaluate(
             predictor = load_predictor(
                 model, backend, threads, long_side, flip, scales, tile, zoom, clean
             )
-            if predictor.tree.to_dict() != dataset.tree.to_dict():
+            if not predictor.tree.same_as(dataset.tree):
                 console.print(
                     f"the model's tree '{predictor.tree.name}' differs from the data's "
                     f"'{dataset.tree.name}': scoring person vs background only",

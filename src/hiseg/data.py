@@ -318,15 +318,20 @@ def check_dataset(dataset: Dataset, progress: Callable[[int], None] | None = Non
 MIN_REGION_PIXELS = 64
 
 
+def person_components(labels: np.ndarray, tree: Tree) -> tuple[np.ndarray, np.ndarray]:
+    """Connected non-background regions (8-connectivity) of a leaf label map: the (H, W) region
+    index of each pixel (0 = background or ignored) and each index's area in pixels."""
+    person = (tree.person_labels(labels) == 1).astype(np.uint8)
+    count, regions, stats, _ = cv2.connectedComponentsWithStats(person, connectivity=8)
+    return regions, stats[:count, cv2.CC_STAT_AREA]
+
+
 def person_regions(labels: np.ndarray, tree: Tree) -> np.ndarray:
     """Share of the image covered by each connected non-background region (8-connectivity).
 
     Regions under ``MIN_REGION_PIXELS`` are left out: they are stray labelled pixels.
     """
-    bg = tree.background.value
-    person = ((labels != bg) & (labels != IGNORE_VALUE)).astype(np.uint8)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(person, connectivity=8)
-    areas = stats[1:count, cv2.CC_STAT_AREA]
+    areas = person_components(labels, tree)[1][1:]
     return areas[areas >= MIN_REGION_PIXELS] / float(labels.size)
 
 

@@ -23,12 +23,13 @@ from hiseg.data import (
     Dataset,
     Sample,
     parallel_map,
+    person_components,
     person_regions,
     size_bucket,
 )
 from hiseg.images import ImageReadError, read_mask
 from hiseg.metrics import ConfusionMatrix
-from hiseg.taxonomy import IGNORE_VALUE, Tree, load_tree
+from hiseg.taxonomy import Tree, load_tree
 
 if TYPE_CHECKING:
     from hiseg.predictor import Predictor
@@ -137,10 +138,9 @@ def size_bucket_map(target: np.ndarray, pred: np.ndarray, tree: Tree) -> np.ndar
     included, without the large background of the image swamping small people.
     """
     bg = tree.background.value
-    person = ((target != bg) & (target != IGNORE_VALUE)).astype(np.uint8)
-    count, regions, stats, _ = cv2.connectedComponentsWithStats(person, connectivity=8)
-    lut = np.full(count, -1, np.int8)
-    for i, area in enumerate(stats[1:count, cv2.CC_STAT_AREA], start=1):
+    regions, areas = person_components(target, tree)
+    lut = np.full(len(areas), -1, np.int8)
+    for i, area in enumerate(areas[1:], start=1):
         if area >= MIN_REGION_PIXELS:
             lut[i] = BUCKET_NAMES.index(size_bucket(area / target.size))
     out = lut[regions]
@@ -173,7 +173,7 @@ def evaluate_model(
     A model whose tree differs from the dataset's (a part model on person masks, or the
     reverse) is scored at the level both share: person vs background, in the ``person`` tree.
     """
-    same_tree = predictor.tree.to_dict() == dataset.tree.to_dict()
+    same_tree = predictor.tree.same_as(dataset.tree)
     tree = dataset.tree if same_tree else load_tree("person")
     result = EvalResult(
         total=ConfusionMatrix(tree),

@@ -236,7 +236,7 @@ class Predictor:
             raise ModelError("no model given")
         tree = backends[0].tree
         for b in backends[1:]:
-            if b.tree.to_dict() != tree.to_dict():
+            if not b.tree.same_as(tree):
                 raise ModelError(f"{b.name}: its tree '{b.tree.name}' differs from '{tree.name}'")
         self.backends = list(backends)
         self.tree = tree

@@ -244,6 +244,10 @@ class Tree:
         inside = (values >= 0) & (values < 256)
         return np.where(inside, lut[np.clip(values, 0, 255)], -1)
 
+    def same_as(self, other: Tree) -> bool:
+        """Same nodes, values, colours and structure (models and datasets must agree on it)."""
+        return self.to_dict() == other.to_dict()
+
     def person_labels(self, labels: np.ndarray) -> np.ndarray:
         """Leaf values -> the builtin ``person`` tree's values: 0 background, 1 any other leaf;
         ignore pixels stay ignored. Lets models and datasets with different trees be compared
