@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 import hiseg  # noqa: E402
 from hiseg.bench import benchmark, write_markdown  # noqa: E402
@@ -55,6 +56,19 @@ def test_export_has_dynamic_io_and_metadata(tiny_checkpoint, onnx_path):
     expected = {"version": hiseg.__version__, "precision": "fp32", "defaults": {"clean": 0}}
     assert meta == {**ckpt_meta, **expected}
     assert not list(onnx_path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_tf_same_padding_is_folded_into_the_convolutions(onnx_path):
+    """Lite0's five stride-2 convs pad themselves; only the model's pad to a /32 size is left.
+    That the folded graph still matches torch at odd sizes is the next-but-one test."""
+    graph = onnx.load(onnx_path).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    same = [
+        n for n in convs if any(a.name == "auto_pad" and a.s == b"SAME_UPPER" for a in n.attribute)
+    ]
+    assert len(same) == 5
+    (pad,) = [n for n in graph.node if n.op_type == "Pad"]
+    assert pad.input[0] == "image"
 
 
 def test_a_stored_clean_up_is_the_predictors_default(tiny_checkpoint, onnx_path, tmp_path):

@@ -9,9 +9,19 @@ torch = pytest.importorskip("torch")
 
 from conftest import tiny_config  # noqa: E402
 
+from hiseg.augment import PairTransform  # noqa: E402
 from hiseg.config import ConfigError, load_config  # noqa: E402
-from hiseg.models import load_checkpoint  # noqa: E402
-from hiseg.training import AtomicCheckpointIO, train  # noqa: E402
+from hiseg.data import open_dataset  # noqa: E402
+from hiseg.models import load_checkpoint, preprocessing  # noqa: E402
+from hiseg.taxonomy import IGNORE_VALUE, load_tree  # noqa: E402
+from hiseg.training import (  # noqa: E402
+    AtomicCheckpointIO,
+    SegmentationTask,
+    TrainSet,
+    build_loaders,
+    init_weights,
+    train,
+)
 
 
 def history(folder):
@@ -105,6 +115,53 @@ def test_config_errors_name_the_key(tmp_path):
     }
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.decoders'"):
         load_config("configs/picsart-person.yaml", ["model.decoders.upsampling=2"])
+    # data.extra: a folder, or a mapping with root / split / format
+    config = load_config("configs/picsart-person.yaml", ["data.extra=[a, {root: b, split: val}]"])
+    assert config["data"]["extra"] == [
+        {"root": "a", "split": "train", "format": "auto"},
+        {"root": "b", "split": "val", "format": "auto"},
+    ]
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.extra\[0\]\.splits'"):
+        load_config("configs/picsart-person.yaml", ["data.extra=[{root: a, splits: val}]"])
+
+
+def test_extra_sets_join_training_in_the_main_sets_tree(tiny_data, tmp_path):
+    """A part dataset trains a person model as person vs background; it cannot train a part
+    model from person masks."""
+    config = tiny_config(tiny_data, tmp_path, **{"data.extra": f"[{tiny_data}]"})
+    norm = preprocessing(config["model"]["encoder"])
+    train_loader, _, train_data = build_loaders(config, norm["mean"], norm["std"])
+    assert len(train_loader.dataset) == 2 * len(train_data)
+
+    parts = open_dataset(tiny_data, "train")
+    person = load_tree("person")
+    identity = PairTransform([])
+    as_person = TrainSet(parts, identity, norm["mean"], norm["std"], person)
+    _, target = as_person[0]
+    _, labels = parts[0]
+    expected = np.where(labels == IGNORE_VALUE, IGNORE_VALUE, labels != 0)
+    assert np.array_equal(target.numpy(), expected)
+    assert set(np.unique(target.numpy())) <= {0, 1, IGNORE_VALUE}
+
+    person_data = type("PersonData", (), {"tree": person, "root": tmp_path})()
+    with pytest.raises(ValueError, match="cannot train a model of tree 'pascal-person-part'"):
+        TrainSet(person_data, identity, norm["mean"], norm["std"], parts.tree)
+
+
+def test_init_starts_from_a_checkpoint_and_checks_it_fits(tiny_data, tiny_checkpoint, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, **{"model.pretrained": "false"})
+    task = SegmentationTask(config, open_dataset(tiny_data, "train").tree.to_dict())
+    trained, _ = load_checkpoint(tiny_checkpoint)
+    key = "net.decoder.seg_blocks.0.block.0.block.0.weight"
+    assert not torch.equal(task.model.state_dict()[key], trained.state_dict()[key])
+    init_weights(task, tiny_checkpoint)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(task.model.state_dict()[name], value), name
+
+    wider = tiny_config(tiny_data, tmp_path, **{"model.decoder.decoder_segmentation_channels": 32})
+    other = SegmentationTask(wider, task.tree.to_dict(), pretrained=False)
+    with pytest.raises(ValueError, match=r"model\.init needs the same model"):
+        init_weights(other, tiny_checkpoint)
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -32,12 +32,16 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 8,
         "num_workers": 2,
         "limit_val_images": None,  # score only the first N val images (for quick runs)
+        # More training sets, e.g. [{root: ../shared/data/pascal-person-part, split: train}];
+        # labels are turned into the main set's tree (same tree, or any tree into 'person').
+        "extra": [],
     },
     "model": {
         "arch": "fpn",
         "encoder": "tf_efficientnet_lite0",
         "pretrained": True,
         "decoder": {},  # the architecture's own options, e.g. decoder_pyramid_channels: 64
+        "init": None,  # start from this hiseg checkpoint's weights (same model), e.g. to fine-tune
     },
     "loss": {"kind": "ce", "level_weights": None, "dice": 0.0, "lovasz": 0.0, "tree_min": 0.0},
     "optim": {
@@ -152,5 +156,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         _merge(config, parse_override(text), "")
     if not config["data"]["root"]:
         raise ConfigError("data.root is not set (the dataset folder)")
+    config["data"]["extra"] = [_extra_set(i, e) for i, e in enumerate(config["data"]["extra"])]
     config["name"] = config["name"] or "run"
     return config
+
+
+#: What an entry of ``data.extra`` may say, with defaults.
+EXTRA_SET = {"root": None, "split": "train", "format": "auto"}
+
+
+def _extra_set(index: int, entry: Any) -> dict[str, Any]:
+    """One ``data.extra`` entry, checked and completed with :data:`EXTRA_SET` defaults."""
+    where = f"data.extra[{index}]"
+    if isinstance(entry, str):
+        entry = {"root": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where} must be a folder or a mapping with 'root', got {entry!r}")
+    unknown = sorted(set(entry) - set(EXTRA_SET))
+    if unknown:
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: root, split, format)")
+    if not entry.get("root"):
+        raise ConfigError(f"{where}.root is not set (the dataset folder)")
+    return {**EXTRA_SET, **entry}

@@ -190,9 +190,7 @@ def evaluate_model(
         except ImageReadError as err:
             raise EvaluationError(str(err)) from None
         pred = predictor.predict(image).labels
-        if not same_tree:
-            target = dataset.tree.person_labels(target)
-            pred = predictor.tree.person_labels(pred)
+        target, pred = dataset.tree.relabel(target, tree), predictor.tree.relabel(pred, tree)
         if save_dir is not None:
             Image.fromarray(pred).save(save_dir / f"{sample.id}.png")
         try:

@@ -257,6 +257,22 @@ class Tree:
         out[labels == IGNORE_VALUE] = IGNORE_VALUE
         return out
 
+    def can_relabel(self, target: Tree) -> bool:
+        """Whether :meth:`relabel` can turn this tree's labels into ``target``'s."""
+        return self.same_as(target) or target.same_as(load_tree("person"))
+
+    def relabel(self, labels: np.ndarray, target: Tree) -> np.ndarray:
+        """This tree's leaf values -> ``target``'s: unchanged for the same tree, person vs
+        background (:meth:`person_labels`) for a person tree. Raises ``ValueError`` otherwise."""
+        if self.same_as(target):
+            return labels
+        if not self.can_relabel(target):
+            raise ValueError(
+                f"labels of tree '{self.name}' cannot be turned into tree '{target.name}' "
+                "(only the same tree, or any tree into 'person')"
+            )
+        return self.person_labels(labels)
+
     def membership(self, k: int) -> np.ndarray:
         """(num_leaves, nodes of level k) 0/1 matrix: leaf channel i belongs to node j.
 

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from hiseg import __version__
 from hiseg.augment import train_transform
@@ -29,7 +29,7 @@ from hiseg.data import Dataset, open_dataset
 from hiseg.inference import letterbox, normalize, softmax, unletterbox
 from hiseg.losses import build_loss
 from hiseg.metrics import ConfusionMatrix
-from hiseg.models import create_model, preprocessing
+from hiseg.models import create_model, load_checkpoint, preprocessing
 from hiseg.taxonomy import IGNORE_VALUE, Tree
 from hiseg.visualize import overlay
 
@@ -43,18 +43,26 @@ def leaf_targets(labels: np.ndarray, tree: Tree) -> np.ndarray:
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """Augmented, normalised crops with dense leaf-index targets."""
+    """Augmented, normalised crops with dense leaf-index targets in ``tree`` (default: the
+    dataset's own; another is reached by :meth:`Tree.relabel`, e.g. parts -> person)."""
 
-    def __init__(self, dataset: Dataset, transform, mean, std):
+    def __init__(self, dataset: Dataset, transform, mean, std, tree: Tree | None = None):
         self.dataset, self.transform, self.mean, self.std = dataset, transform, mean, std
+        self.tree = tree or dataset.tree
+        if not dataset.tree.can_relabel(self.tree):
+            raise ValueError(
+                f"{dataset.root}: its tree '{dataset.tree.name}' cannot train a model of tree "
+                f"'{self.tree.name}' (only the same tree, or any tree for 'person')"
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.transform(*self.dataset[i])
+        image, labels = self.dataset[i]
+        image, labels = self.transform(image, self.dataset.tree.relabel(labels, self.tree))
         x = normalize(image, self.mean, self.std)
-        return torch.from_numpy(x), torch.from_numpy(leaf_targets(labels, self.dataset.tree))
+        return torch.from_numpy(x), torch.from_numpy(leaf_targets(labels, self.tree))
 
 
 class ValSet(torch.utils.data.Dataset):
@@ -367,9 +375,12 @@ def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLo
         color=d["color"],
         seed=config["seed"],
     )
+    extra = [open_dataset(e["root"], e["split"], e["format"]) for e in d["extra"]]
     workers = d["num_workers"]
     train = DataLoader(
-        TrainSet(train_data, transform, mean, std),
+        ConcatDataset(
+            [TrainSet(data, transform, mean, std, train_data.tree) for data in [train_data, *extra]]
+        ),
         batch_size=d["batch_size"],
         shuffle=True,
         num_workers=workers,
@@ -385,6 +396,20 @@ def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLo
         persistent_workers=workers > 0,
     )
     return train, val, train_data
+
+
+def init_weights(task: SegmentationTask, checkpoint: str | Path) -> None:
+    """Start ``task`` from a trained checkpoint's weights (fine-tuning); the optimiser, schedule
+    and epoch count start afresh. The checkpoint must hold the same model and tree."""
+    model, meta = load_checkpoint(checkpoint)
+    want = {k: v for k, v in task.model.config().items() if k in ("arch", "encoder", "decoder")}
+    have = {k: meta["model"].get(k) for k in want}
+    if have != want or not model.tree.same_as(task.tree):
+        raise ValueError(
+            f"{checkpoint}: model.init needs the same model and tree; it holds {have}, "
+            f"tree '{model.tree.name}', the config asks for {want}, tree '{task.tree.name}'"
+        )
+    task.model.load_state_dict(model.state_dict())
 
 
 def train(config: dict[str, Any], resume: bool = False, track: bool = True) -> SegmentationTask:
@@ -404,6 +429,8 @@ def train(config: dict[str, Any], resume: bool = False, track: bool = True) -> S
     norm = preprocessing(config["model"]["encoder"])
     train_loader, val_loader, train_data = build_loaders(config, norm["mean"], norm["std"])
     task = SegmentationTask(config, train_data.tree.to_dict())
+    if config["model"]["init"] and not resume:
+        init_weights(task, config["model"]["init"])
     trainer = build_trainer(config, folder, track)
     trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if resume else None)
     return task
