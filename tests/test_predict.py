@@ -134,6 +134,13 @@ def test_clean_removes_islands_and_fills_holes():
     assert (cleaned[0, :] == 0).all()  # the large background touching the border stays
     np.testing.assert_array_equal(clean_labels(probs, labels, tree, 0), labels)
 
+    # A small background notch on the image border is not a hole: it stays.
+    probs[2, 0:5, 5:35], probs[0, 0:5, 5:35] = 0.9, 0.05
+    labels[0:5, 5:35] = 2  # the torso reaches the top border ...
+    labels[0:2, 18:20] = 0  # ... around a 4-pixel notch of background
+    cleaned = clean_labels(probs, labels, tree, min_pixels=10)
+    assert (cleaned[0:2, 18:20] == 0).all() and (cleaned[18:20, 18:20] == 2).all()
+
 
 def test_normalize_is_mean_std_scaling_channels_first():
     from hiseg.inference import normalize

@@ -1,9 +1,11 @@
 """Speed on this CPU: the network forward per runtime and precision, and what a user waits for.
 
-Each size is the long side of a 4:3 portrait image, letterboxed as the runtime does, so the network
-input is (1, 3, size, round(size * 3/4) padded up to a multiple of 32): 320 -> 1x3x320x256,
-512 -> 1x3x512x384. ``predict`` rows time :meth:`Predictor.predict` on a whole photo (resize,
-normalise, run, upsample the probabilities, decode the tree), the latency a user feels.
+Every row is timed in turns with the others (one call of each per round), so an A/B comparison
+on a shared machine is fair. Each size is the long side of a 4:3 portrait image, letterboxed as
+the runtime does, so the network input is (1, 3, size, round(size * 3/4) padded up to a
+multiple of 32): 320 -> 1x3x320x256, 512 -> 1x3x512x384. ``predict`` rows time
+:meth:`Predictor.predict` on a whole photo (resize, normalise, run, upsample the probabilities,
+decode the tree), the latency a user feels.
 
 torch is imported only to time a ``.ckpt`` (through the predictor's torch backend), so the
 benchmark runs on a runtime-only install.
@@ -82,7 +84,7 @@ def benchmark(
         paths = [p for p in paths if p.suffix != ".ckpt"]
     rng = np.random.default_rng(0)
     photo = image if image is not None else rng.integers(0, 256, (*PHOTO_HW, 3), np.uint8)
-    rows = []
+    jobs: list[tuple[dict[str, Any], Callable[[], object]]] = []
     for path in paths:
         checkpoint = path.suffix == ".ckpt"
         backend = load_backend(path, "torch" if checkpoint else "onnx", threads)
@@ -94,16 +96,17 @@ def benchmark(
         }
         for size in sizes:
             x = _random_input(rng, size, backend)
-            times = _time_ms(partial(backend.run, x), runs, warmup)
             shape = "x".join(map(str, x.shape))
-            rows.append({**row, "task": "forward", "input": shape, **_stats(times)})
+            jobs.append(({**row, "task": "forward", "input": shape}, partial(backend.run, x)))
             if not checkpoint:
                 predictor = Predictor([backend], long_side=size)
-                times = _time_ms(partial(predictor.predict, photo), runs, warmup)
                 fitted = letterbox(photo, size, backend.stride)[0].shape
                 shape = "x".join(map(str, photo.shape)) + f" photo -> 1x3x{fitted[0]}x{fitted[1]}"
-                rows.append({**row, "task": "predict", "input": shape, **_stats(times)})
-    return rows
+                jobs.append(
+                    ({**row, "task": "predict", "input": shape}, partial(predictor.predict, photo))
+                )
+    times = _time_interleaved([fn for _, fn in jobs], runs, warmup)
+    return [{**row, **_stats(t)} for (row, _), t in zip(jobs, times, strict=True)]
 
 
 def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, command: str) -> Path:
@@ -122,7 +125,8 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, command: st
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
         "Batch 1. `forward`: the network alone on the input shown. `predict`: "
-        "`Predictor.predict` on a whole photo (resize, normalise, run, upsample, decode).",
+        "`Predictor.predict` on a whole photo (resize, normalise, run, upsample, decode). "
+        "The rows are timed in turns, one call of each per round.",
         "",
         "| " + " | ".join(COLUMNS.values()) + " |",
         "|"
@@ -144,14 +148,20 @@ def _random_input(rng: np.random.Generator, size: int, backend: Backend) -> np.n
     return normalize(fitted, backend.mean, backend.std)[None]
 
 
-def _time_ms(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _time_interleaved(
+    fns: Sequence[Callable[[], object]], runs: int, warmup: int
+) -> list[list[float]]:
+    """Milliseconds per call of each of ``fns``, taken in turns (one call of each per round), so
+    a load that comes and goes on a shared machine weighs on all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1000)
     return times
 
 

@@ -22,12 +22,12 @@ def clean_labels(probs: np.ndarray, labels: np.ndarray, tree: Tree, min_pixels: 
         nodes = level.map(labels)
         for j, node in enumerate(level.nodes):
             mask = (nodes == j).astype(np.uint8)
-            count, regions, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-            small = np.zeros(count, bool)
-            for i, (x, y, bw, bh, area) in enumerate(stats[1:count], start=1):
-                touches_border = x == 0 or y == 0 or x + bw == w or y + bh == h
-                is_hole = node is not tree.background or not touches_border
-                small[i] = area < min_pixels and is_hole
+            _, regions, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            x, y, bw, bh, area = stats.T
+            touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+            is_hole = ~touches_border if node is tree.background else True
+            small = (area < min_pixels) & is_hole
+            small[0] = False  # label 0: the pixels outside this node
             if not small[1:].any():
                 continue
             where = small[regions]
