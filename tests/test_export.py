@@ -145,6 +145,16 @@ def test_benchmark_rows(tiny_checkpoint, onnx_path, int8_path, tmp_path):
     table = write_markdown(rows, tmp_path / "bench.md", "hiseg bench tiny.onnx").read_text()
     assert "`hiseg bench tiny.onnx`" in table and table.count("\n| ") == 1 + len(rows)
 
+    other = tmp_path / "other" / onnx_path.name
+    other.parent.mkdir()
+    other.write_bytes(onnx_path.read_bytes())
+    rows = benchmark([onnx_path, other], sizes=(64,), threads=THREADS, runs=1, warmup=0)
+    assert {r["model"] for r in rows} == {
+        f"{onnx_path.parent.name}/tiny.onnx",
+        "other/tiny.onnx",
+        "tiny.int8.onnx",
+    }
+
 
 def test_onnx_prediction_never_imports_torch(onnx_path, val):
     code = (

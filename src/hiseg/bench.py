@@ -85,11 +85,15 @@ def benchmark(
     rng = np.random.default_rng(0)
     photo = image if image is not None else rng.integers(0, 256, (*PHOTO_HW, 3), np.uint8)
     jobs: list[tuple[dict[str, Any], Callable[[], object]]] = []
+    names = [path.name for path in paths]
     for path in paths:
         checkpoint = path.suffix == ".ckpt"
         backend = load_backend(path, "torch" if checkpoint else "onnx", threads)
         row = {
-            "model": path.name,
+            # two runs' model.onnx are told apart by their folder
+            "model": path.name
+            if names.count(path.name) == 1
+            else f"{path.parent.name}/{path.name}",
             "runtime": "torch" if checkpoint else "onnxruntime",
             "precision": backend.meta.get("precision", "fp32"),
             "threads": threads,
