@@ -69,6 +69,8 @@ def test_tf_same_padding_is_folded_into_the_convolutions(onnx_path):
     assert len(same) == 5
     (pad,) = [n for n in graph.node if n.op_type == "Pad"]
     assert pad.input[0] == "image"
+    # FPN's merge is plain Adds, which int8 keeps integer; smp's stack + sum would be ReduceSum
+    assert not [n for n in graph.node if n.op_type == "ReduceSum"]
 
 
 def test_a_stored_clean_up_is_the_predictors_default(tiny_checkpoint, onnx_path, tmp_path):

@@ -172,3 +172,14 @@ def test_a_silent_weight_host_does_not_hang_create_model(tree, silent_server, mo
     else:
         pytest.skip("tu-resnet18 weights are cached")
     assert time.monotonic() - start < 10
+
+
+def test_fpn_merge_adds_like_smp():
+    from segmentation_models_pytorch.decoders.fpn.decoder import MergeBlock
+
+    from hiseg.models import AddMerge
+
+    model = create_model("fpn", "tf_efficientnet_lite0", "person", pretrained=False)
+    assert isinstance(model.net.decoder.merge, AddMerge)
+    x = [torch.randn(2, 8, 5, 7) for _ in range(4)]
+    torch.testing.assert_close(model.net.decoder.merge(x), MergeBlock("add")(x))

@@ -96,6 +96,17 @@ class SegmentationModel(nn.Module):
         }
 
 
+class AddMerge(nn.Module):
+    """FPN's "add" merge as a chain of additions. smp's ``torch.stack(x).sum(0)`` exports as a
+    Concat + ReduceSum that int8 ONNX Runtime runs in float; plain Adds stay integer."""
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        total = x[0]
+        for y in x[1:]:
+            total = total + y
+        return total
+
+
 def create_model(
     arch: str,
     encoder: str,
@@ -133,6 +144,8 @@ def create_model(
         ) from err
     if local_weights:
         _load_encoder_state(net, load_lite_imagenet_state(smp_name))
+    if getattr(getattr(net.decoder, "merge", None), "policy", None) == "add":
+        net.decoder.merge = AddMerge()
     return SegmentationModel(net, arch_key, smp_name, tree, decoder)
 
 
