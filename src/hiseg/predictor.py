@@ -264,8 +264,7 @@ class Predictor:
 
     def pass_probs(self, image: np.ndarray) -> np.ndarray:
         """One look at an image or crop, averaged over models and TTA, at the input's size."""
-        total = np.zeros((self.tree.num_leaves, *image.shape[:2]), np.float32)
-        n = 0
+        looks = []
         for backend in self.backends:
             for scale in self.scales:
                 fitted, box = letterbox(image, round(self.long_side * scale), backend.stride)
@@ -275,10 +274,9 @@ class Predictor:
                 probs = softmax(backend.run(np.ascontiguousarray(x)), axis=1)
                 if self.flip:
                     probs = np.stack([probs[0], probs[1][..., ::-1]])
-                for p in probs:
-                    total += unletterbox(p, box)
-                    n += 1
-        return total / n
+                looks.extend(unletterbox(p, box) for p in probs)
+        # one look (the default) is returned as is: no extra full-size passes to average it
+        return looks[0] if len(looks) == 1 else np.mean(looks, axis=0, dtype=np.float32)
 
     def tiled_probs(self, image: np.ndarray) -> np.ndarray:
         """Half-overlapping model-size windows at native resolution, blended with weights that
