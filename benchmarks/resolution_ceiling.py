@@ -26,10 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     dataset = open_dataset(args.data, args.split)
     person = load_tree("person")
+    targets = [dataset.tree.person_labels(dataset.read_labels(s)) for s in dataset.samples]
     for factor in (2, 4, 8):
         cm = ConfusionMatrix(person)
-        for sample in dataset.samples:
-            target = dataset.tree.person_labels(dataset.read_labels(sample))
+        for target in targets:
             h, w = target.shape
             soft = cv2.resize(
                 (target == 1).astype(np.float32),

@@ -12,7 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import hiseg  # noqa: E402
-from hiseg.bench import benchmark, write_markdown  # noqa: E402
+from hiseg.bench import _time_interleaved, benchmark, write_markdown  # noqa: E402
 from hiseg.data import open_dataset  # noqa: E402
 from hiseg.export import (  # noqa: E402
     MAX_MIOU_DROP,
@@ -60,7 +60,8 @@ def test_export_has_dynamic_io_and_metadata(tiny_checkpoint, onnx_path):
 
 def test_tf_same_padding_is_folded_into_the_convolutions(onnx_path):
     """Lite0's five stride-2 convs pad themselves; only the model's pad to a /32 size is left.
-    That the folded graph still matches torch at odd sizes is the next-but-one test."""
+    That the folded graph still matches torch at odd sizes is checked by
+    test_onnx_matches_torch_on_real_images_and_any_size."""
     graph = onnx.load(onnx_path).graph
     convs = [n for n in graph.node if n.op_type == "Conv"]
     same = [
@@ -168,3 +169,10 @@ def test_onnx_prediction_never_imports_torch(onnx_path, val):
     )
     image = val.samples[0].image_path
     subprocess.run([sys.executable, "-c", code, onnx_path, image], check=True, timeout=120)
+
+
+def test_benchmark_rows_are_timed_in_turns():
+    calls = []
+    times = _time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3, 1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then one of each per round
+    assert [len(t) for t in times] == [3, 3]

@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 import yaml
@@ -155,3 +157,13 @@ def test_palette_colours_by_level():
     pal = PPP.palette(level=0)
     assert (pal[[1, 2, 3, 4, 5, 6]] == PPP.color("body")).all()
     assert (PPP.palette()[4] == PPP.color("head")).all()
+
+
+def test_relabeller_keeps_same_tree_maps_parts_to_person_and_refuses_the_rest():
+    parts, person = load_tree("pascal-person-part"), load_tree("person")
+    labels = np.array([[0, 1, 2], [6, IGNORE_VALUE, 0]], np.uint8)
+    assert parts.relabeller(parts)(labels) is labels
+    to_person = pickle.loads(pickle.dumps(parts.relabeller(person)))  # DataLoader workers
+    np.testing.assert_array_equal(to_person(labels), [[0, 1, 1], [1, IGNORE_VALUE, 0]])
+    with pytest.raises(ValueError, match="cannot be turned into tree 'pascal-person-part'"):
+        person.relabeller(parts)

@@ -174,7 +174,8 @@ def _extra_set(index: int, entry: Any) -> dict[str, Any]:
         raise ConfigError(f"{where} must be a folder or a mapping with 'root', got {entry!r}")
     unknown = sorted(set(entry) - set(EXTRA_SET))
     if unknown:
-        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: root, split, format)")
+        known = ", ".join(EXTRA_SET)
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {known})")
     if not entry.get("root"):
         raise ConfigError(f"{where}.root is not set (the dataset folder)")
     return {**EXTRA_SET, **entry}

@@ -175,6 +175,7 @@ def evaluate_model(
     """
     same_tree = predictor.tree.same_as(dataset.tree)
     tree = dataset.tree if same_tree else load_tree("person")
+    target_labels, pred_labels = dataset.tree.relabeller(tree), predictor.tree.relabeller(tree)
     result = EvalResult(
         total=ConfusionMatrix(tree),
         by_size={name: ConfusionMatrix(tree) for name in BUCKET_NAMES},
@@ -190,7 +191,7 @@ def evaluate_model(
         except ImageReadError as err:
             raise EvaluationError(str(err)) from None
         pred = predictor.predict(image).labels
-        target, pred = dataset.tree.relabel(target, tree), predictor.tree.relabel(pred, tree)
+        target, pred = target_labels(target), pred_labels(pred)
         if save_dir is not None:
             Image.fromarray(pred).save(save_dir / f"{sample.id}.png")
         try:

@@ -98,8 +98,8 @@ def fold_same_padding(proto: onnx.ModelProto) -> int:
 
     timm's ``tf_`` encoders pad stride-2 convolutions by shape arithmetic -> ``Pad`` -> ``Conv``.
     ONNX's ``auto_pad=SAME_UPPER`` is the same padding (the odd pixel at the end), and without
-    the float ``Pad`` between them int8 tensors stay quantised: 11.2 -> 8.4 ms for ``person``
-    (``benchmarks/fold_same_padding.md``). A Pad is folded only when its pads are computed (not
+    the float ``Pad`` between them int8 tensors stay quantised (the A/B is in
+    ``benchmarks/fold_same_padding.md``). A Pad is folded only when its pads are computed (not
     constant), its mode is constant zero, and its one consumer is a Conv with no padding.
     """
     graph = proto.graph

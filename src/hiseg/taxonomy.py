@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -257,21 +257,21 @@ class Tree:
         out[labels == IGNORE_VALUE] = IGNORE_VALUE
         return out
 
-    def can_relabel(self, target: Tree) -> bool:
-        """Whether :meth:`relabel` can turn this tree's labels into ``target``'s."""
-        return self.same_as(target) or target.same_as(load_tree("person"))
+    def relabeller(self, target: Tree) -> Callable[[np.ndarray], np.ndarray]:
+        """How this tree's leaf values become ``target``'s: unchanged for the same tree, person
+        vs background (:meth:`person_labels`) for a person tree; ``ValueError`` otherwise.
 
-    def relabel(self, labels: np.ndarray, target: Tree) -> np.ndarray:
-        """This tree's leaf values -> ``target``'s: unchanged for the same tree, person vs
-        background (:meth:`person_labels`) for a person tree. Raises ``ValueError`` otherwise."""
+        Decided once (tree comparisons, the builtin ``person`` tree) and applied per image; the
+        function is picklable, so DataLoader workers can hold it.
+        """
         if self.same_as(target):
-            return labels
-        if not self.can_relabel(target):
-            raise ValueError(
-                f"labels of tree '{self.name}' cannot be turned into tree '{target.name}' "
-                "(only the same tree, or any tree into 'person')"
-            )
-        return self.person_labels(labels)
+            return _unchanged
+        if target.same_as(load_tree("person")):
+            return self.person_labels
+        raise ValueError(
+            f"labels of tree '{self.name}' cannot be turned into tree '{target.name}' "
+            "(only the same tree, or any tree into 'person')"
+        )
 
     def membership(self, k: int) -> np.ndarray:
         """(num_leaves, nodes of level k) 0/1 matrix: leaf channel i belongs to node j.
@@ -388,6 +388,10 @@ class Tree:
 
     def __repr__(self) -> str:
         return f"Tree({self.name!r}, leaves={self.values}, levels={self.num_levels})"
+
+
+def _unchanged(labels: np.ndarray) -> np.ndarray:
+    return labels
 
 
 def _collect_nodes(

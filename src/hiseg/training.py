@@ -44,23 +44,25 @@ def leaf_targets(labels: np.ndarray, tree: Tree) -> np.ndarray:
 
 class TrainSet(torch.utils.data.Dataset):
     """Augmented, normalised crops with dense leaf-index targets in ``tree`` (default: the
-    dataset's own; another is reached by :meth:`Tree.relabel`, e.g. parts -> person)."""
+    dataset's own; another is reached by :meth:`Tree.relabeller`, e.g. parts -> person)."""
 
     def __init__(self, dataset: Dataset, transform, mean, std, tree: Tree | None = None):
         self.dataset, self.transform, self.mean, self.std = dataset, transform, mean, std
         self.tree = tree or dataset.tree
-        if not dataset.tree.can_relabel(self.tree):
+        try:
+            self.relabel = dataset.tree.relabeller(self.tree)
+        except ValueError:
             raise ValueError(
                 f"{dataset.root}: its tree '{dataset.tree.name}' cannot train a model of tree "
                 f"'{self.tree.name}' (only the same tree, or any tree for 'person')"
-            )
+            ) from None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, labels = self.dataset[i]
-        image, labels = self.transform(image, self.dataset.tree.relabel(labels, self.tree))
+        image, labels = self.transform(image, self.relabel(labels))
         x = normalize(image, self.mean, self.std)
         return torch.from_numpy(x), torch.from_numpy(leaf_targets(labels, self.tree))
 
