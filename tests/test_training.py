@@ -11,7 +11,7 @@ from conftest import tiny_config  # noqa: E402
 
 from hiseg.augment import PairTransform  # noqa: E402
 from hiseg.config import ConfigError, load_config  # noqa: E402
-from hiseg.data import open_dataset  # noqa: E402
+from hiseg.data import DatasetError, open_dataset  # noqa: E402
 from hiseg.models import load_checkpoint, preprocessing  # noqa: E402
 from hiseg.taxonomy import IGNORE_VALUE, load_tree  # noqa: E402
 from hiseg.training import (  # noqa: E402
@@ -146,6 +146,25 @@ def test_extra_sets_join_training_in_the_main_sets_tree(tiny_data, tmp_path):
     person_data = type("PersonData", (), {"tree": person, "root": tmp_path})()
     with pytest.raises(ValueError, match="cannot train a model of tree 'pascal-person-part'"):
         TrainSet(person_data, identity, norm["mean"], norm["std"], parts.tree)
+
+
+def test_drop_leaves_listed_train_ids_out_and_names_unknown_ones(tiny_data, tmp_path):
+    """data.drop: the listed train ids (comments allowed) are left out of training; an id the
+    split lacks, or a missing list file, is an error naming it."""
+    ids = open_dataset(tiny_data, "train").ids
+    drop = tmp_path / "drop.txt"
+    drop.write_text(f"# wrong masks\n{ids[0]}  # blob outside the person\n\n{ids[3]}\n")
+    config = tiny_config(tiny_data, tmp_path, **{"data.drop": drop})
+    norm = preprocessing(config["model"]["encoder"])
+    _, _, train_data = build_loaders(config, norm["mean"], norm["std"])
+    assert train_data.ids == [i for i in ids if i not in (ids[0], ids[3])]
+
+    drop.write_text(f"{ids[1]}\nno_such_id\n")
+    with pytest.raises(DatasetError, match="has no sample 'no_such_id'"):
+        build_loaders(config, norm["mean"], norm["std"])
+    config["data"]["drop"] = str(tmp_path / "missing.txt")
+    with pytest.raises(DatasetError, match=r"missing\.txt: no such file"):
+        build_loaders(config, norm["mean"], norm["std"])
 
 
 def test_init_starts_from_a_checkpoint_and_checks_it_fits(tiny_data, tiny_checkpoint, tmp_path):

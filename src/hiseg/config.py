@@ -35,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
         # More training sets, e.g. [{root: ../shared/data/pascal-person-part, split: train}];
         # labels are turned into the main set's tree (same tree, or any tree into 'person').
         "extra": [],
+        # A text file of train ids to leave out (one per line, '#' starts a comment), e.g. the
+        # masks a cross-validated model found to be wrong (see MODEL_CARD_person.md).
+        "drop": None,
     },
     "model": {
         "arch": "fpn",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +68,10 @@ def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     return found
 
 
-def _read_id_list(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+def read_id_list(path: str | Path) -> list[str]:
+    """Sample ids, one per line; text after ``#`` is a comment."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line]
 
 
 class Dataset:
@@ -112,6 +114,18 @@ class Dataset:
     @property
     def ids(self) -> list[str]:
         return [s.id for s in self.samples]
+
+    def drop(self, ids: Collection[str]) -> None:
+        """Leave these samples out, e.g. train masks found to be wrong. An id the split does
+        not hold is an error, so a typo never silently keeps a sample."""
+        ids = set(ids)
+        unknown = sorted(ids - set(self.ids), key=_natural_key)
+        if unknown:
+            raise DatasetError(
+                f"{self.root}: split '{self.split}' has no sample '{unknown[0]}' "
+                f"({len(unknown)} of {len(ids)} ids to drop are unknown)"
+            )
+        self.samples = [s for s in self.samples if s.id not in ids]
 
     def read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """(RGB uint8 image, leaf-value label map); mask values outside the tree -> ignore."""
@@ -188,7 +202,7 @@ class PascalPersonPart(Dataset):
         id_file = self.root / f"{self.split}_id.txt"
         images, masks = self.root / "JPEGImages", self.root / "gt_masks"
         samples = []
-        for sid in _read_id_list(id_file):
+        for sid in read_id_list(id_file):
             image = images / f"{sid}.jpg"
             mask = next(
                 (m for m in (masks / f"{sid}.png", masks / f"{sid}.npy") if m.exists()), None
@@ -247,7 +261,7 @@ class FolderDataset(Dataset):
         masks = _files_by_stem(self.root / "masks", MASK_SUFFIXES)
         id_file = self.root / f"{self.split}.txt"
         ids = (
-            _read_id_list(id_file)
+            read_id_list(id_file)
             if id_file.exists()
             else sorted(images.keys() | masks.keys(), key=_natural_key)
         )

@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from hiseg import __version__
 from hiseg.augment import train_transform
-from hiseg.data import Dataset, open_dataset
+from hiseg.data import Dataset, DatasetError, open_dataset, read_id_list
 from hiseg.inference import letterbox, normalize, softmax, unletterbox
 from hiseg.losses import build_loss
 from hiseg.metrics import ConfusionMatrix
@@ -367,6 +367,10 @@ def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Traine
 def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLoader, Dataset]:
     d = config["data"]
     train_data = open_dataset(d["root"], d["train_split"], d["format"])
+    if d["drop"]:
+        if not Path(d["drop"]).is_file():
+            raise DatasetError(f"{d['drop']}: no such file (data.drop, the train ids to leave out)")
+        train_data.drop(read_id_list(d["drop"]))
     val_data = open_dataset(d["root"], d["val_split"], d["format"])
     transform = train_transform(
         d["crop_size"],
