@@ -8,9 +8,12 @@
     python benchmarks/train_mask_audit.py score --data ../shared/data/picsart-person \\
         --out DIR runs/audit-fold0/best.ckpt runs/audit-fold1/best.ckpt
 
-Step 3 writes ``DIR/audit.csv`` (every train id with its person IoU between mask and held-out
-prediction, lowest first) and ``DIR/lowest.png`` (image | mask | prediction of the lowest ones),
-for a person to judge which masks are wrong, not the model. The valid split is never touched.
+Step 3 writes ``DIR/audit.csv``: every train id with the person IoU between its mask and the
+held-out prediction, and its largest *mask-only blob* (a connected region the mask calls person
+and the prediction background, after an opening that removes bands under ``BAND`` pixels wide, so
+a loose outline does not count but a labelled patch of wall does). ``DIR/lowest.png`` and
+``DIR/blobs.png`` show image | mask | prediction for the lowest IoUs and the largest blobs, for a
+person to judge which masks are wrong, not the model. The valid split is never touched.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import argparse
 import csv
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from hiseg.data import open_dataset, read_id_list
 
 SEED = 0
+BAND = 7  # pixels; the opening's square side
 
 
 def write_folds(data: Path, split: str, k: int, out: Path) -> None:
@@ -41,6 +46,14 @@ def person_iou(mask: np.ndarray, pred: np.ndarray) -> float:
     return float(np.logical_and(mask, pred).sum() / union) if union else 1.0
 
 
+def largest_blob(region: np.ndarray) -> int:
+    """Pixels in the largest connected part of ``region`` that survives a BAND-wide opening."""
+    kernel = np.ones((BAND, BAND), np.uint8)
+    opened = cv2.morphologyEx(region.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    return int(stats[1:, cv2.CC_STAT_AREA].max(initial=0))
+
+
 def score(data: Path, split: str, models: list[Path], out: Path, show: int) -> None:
     import hiseg  # after argparse, so --help is quick
 
@@ -54,46 +67,50 @@ def score(data: Path, split: str, models: list[Path], out: Path, show: int) -> N
             image, labels = dataset.read(sample)
             pred = predictor.predict(image).labels != predictor.tree.background.value
             mask = labels != bg
-            rows.append((sample.id, i, person_iou(mask, pred), int(mask.sum()), int(pred.sum())))
+            iou, blob = person_iou(mask, pred), largest_blob(mask & ~pred)
+            rows.append((sample.id, i, iou, blob, int(mask.sum()), int(pred.sum())))
             shown.append((image, mask, pred))
         print(f"fold {i}: {len(held_out)} masks scored with {model}")
     order = sorted(range(len(rows)), key=lambda r: rows[r][2])
     with open(out / "audit.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "fold", "person_iou", "mask_pixels", "pred_pixels"])
+        writer.writerow(
+            ["id", "fold", "person_iou", "mask_only_blob", "mask_pixels", "pred_pixels"]
+        )
         writer.writerows([*rows[r][:2], f"{rows[r][2]:.4f}", *rows[r][3:]] for r in order)
     ious = np.array([r[2] for r in rows])
     print(
         f"{out / 'audit.csv'}: {len(rows)} masks; person IoU median {np.median(ious):.4f}; "
         + ", ".join(f"{(ious < t).sum()} below {t}" for t in (0.5, 0.7, 0.8, 0.9))
     )
-    plot_lowest(
-        [rows[r][0] for r in order[:show]],
-        [shown[r] for r in order[:show]],
-        [rows[r][2] for r in order[:show]],
-        out / "lowest.png",
-    )
+    blobs = np.array([r[3] for r in rows])
+    print(f"mask-only blobs: {(blobs >= 500).sum()} of >= 500 px, {(blobs >= 2000).sum()} >= 2000")
+    by_blob = sorted(range(len(rows)), key=lambda r: -rows[r][3])
+    for name, ranked in (("lowest.png", order), ("blobs.png", by_blob)):
+        top = ranked[:show]
+        titles = [f"{rows[r][0]}: IoU {rows[r][2]:.2f}, blob {rows[r][3]}" for r in top]
+        plot_triples(titles, [shown[r] for r in top], out / name)
 
 
-def plot_lowest(ids: list[str], panels: list, ious: list[float], path: Path) -> None:
+def plot_triples(titles: list[str], panels: list, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = 4  # samples per row, three panels each
-    rows = -(-len(ids) // cols)
+    rows = -(-len(titles) // cols)
     fig, axes = plt.subplots(rows, 3 * cols, figsize=(3 * cols * 1.2, rows * 1.7), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for n, (sid, (image, mask, pred), iou) in enumerate(zip(ids, panels, ious, strict=True)):
+    for n, (title, (image, mask, pred)) in enumerate(zip(titles, panels, strict=True)):
         row, col = divmod(n, cols)
         for j, panel in enumerate((image, mask, pred)):
             axes[row, 3 * col + j].imshow(panel, cmap=None if j == 0 else "gray")
-        axes[row, 3 * col].set_title(f"{sid}: {iou:.2f}", fontsize=7, loc="left")
+        axes[row, 3 * col].set_title(title, fontsize=6, loc="left")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=80)
-    print(f"{path}: image | mask | held-out prediction, {len(ids)} lowest")
+    print(f"{path}: image | mask | held-out prediction, {len(titles)} masks")
 
 
 def main() -> None:
@@ -107,7 +124,7 @@ def main() -> None:
         p.add_argument("--out", type=Path, required=True)
     folds.add_argument("--k", type=int, default=2)
     scored.add_argument("models", type=Path, nargs="+", help="fold i's model, in fold order")
-    scored.add_argument("--show", type=int, default=48, help="masks in lowest.png")
+    scored.add_argument("--show", type=int, default=48, help="masks per picture")
     args = parser.parse_args()
     if args.step == "folds":
         write_folds(args.data, args.split, args.k, args.out)
