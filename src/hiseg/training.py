@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset, DataLoader
 
 from hiseg import __version__
@@ -370,7 +371,9 @@ def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLo
     if d["drop"]:
         if not Path(d["drop"]).is_file():
             raise DatasetError(f"{d['drop']}: no such file (data.drop, the train ids to leave out)")
-        train_data.drop(read_id_list(d["drop"]))
+        dropped = read_id_list(d["drop"])
+        train_data.drop(dropped)
+        rank_zero_info(f"data.drop: {len(set(dropped))} train ids in {d['drop']} left out")
     val_data = open_dataset(d["root"], d["val_split"], d["format"])
     transform = train_transform(
         d["crop_size"],
