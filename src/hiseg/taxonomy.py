@@ -74,9 +74,6 @@ class Level:
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
-    def node_index(self, name: str) -> int:
-        return self.names.index(name)
-
     def map(self, labels: np.ndarray) -> np.ndarray:
         """Leaf label map -> this level's node indices (-1 where the value is no leaf)."""
         return self.lut[labels]
