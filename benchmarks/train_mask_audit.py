@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -41,6 +42,17 @@ def write_folds(data: Path, split: str, k: int, out: Path) -> None:
         print(f"{out / f'fold{i}.txt'}: {len(fold)} ids")
 
 
+class Audit(NamedTuple):
+    """One train mask against the prediction of the model that never saw it."""
+
+    id: str
+    fold: int
+    person_iou: float
+    mask_only_blob: int
+    mask_pixels: int
+    pred_pixels: int
+
+
 def person_iou(mask: np.ndarray, pred: np.ndarray) -> float:
     union = np.logical_or(mask, pred).sum()
     return float(np.logical_and(mask, pred).sum() / union) if union else 1.0
@@ -58,38 +70,41 @@ def score(data: Path, split: str, models: list[Path], out: Path, show: int) -> N
     import hiseg  # after argparse, so --help is quick
 
     dataset = open_dataset(data, split)
-    bg = dataset.tree.background.value
-    rows, shown = [], []
+    samples = {s.id: s for s in dataset.samples}
+    rows: list[Audit] = []
+    preds: dict[str, np.ndarray] = {}  # kept for the pictures; images are read again for those
     for i, model in enumerate(models):
-        held_out = set(read_id_list(out / f"fold{i}.txt"))
+        held_out = read_id_list(out / f"fold{i}.txt")
         predictor = hiseg.load(model)
-        for sample in (s for s in dataset.samples if s.id in held_out):
-            image, labels = dataset.read(sample)
-            pred = predictor.predict(image).labels != predictor.tree.background.value
-            mask = labels != bg
-            iou, blob = person_iou(mask, pred), largest_blob(mask & ~pred)
-            rows.append((sample.id, i, iou, blob, int(mask.sum()), int(pred.sum())))
-            shown.append((image, mask, pred))
+        for sid in held_out:
+            image, labels = dataset.read(samples[sid])
+            mask = dataset.tree.person_labels(labels) == 1
+            pred = predictor.tree.person_labels(predictor.predict(image).labels) == 1
+            blob = largest_blob(mask & ~pred)
+            rows.append(Audit(sid, i, person_iou(mask, pred), blob, mask.sum(), pred.sum()))
+            preds[sid] = pred
         print(f"fold {i}: {len(held_out)} masks scored with {model}")
-    order = sorted(range(len(rows)), key=lambda r: rows[r][2])
+    rows.sort(key=lambda r: r.person_iou)
     with open(out / "audit.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            ["id", "fold", "person_iou", "mask_only_blob", "mask_pixels", "pred_pixels"]
-        )
-        writer.writerows([*rows[r][:2], f"{rows[r][2]:.4f}", *rows[r][3:]] for r in order)
-    ious = np.array([r[2] for r in rows])
+        writer.writerow(Audit._fields)
+        writer.writerows(r._replace(person_iou=f"{r.person_iou:.4f}") for r in rows)
+    ious = np.array([r.person_iou for r in rows])
     print(
         f"{out / 'audit.csv'}: {len(rows)} masks; person IoU median {np.median(ious):.4f}; "
         + ", ".join(f"{(ious < t).sum()} below {t}" for t in (0.5, 0.7, 0.8, 0.9))
     )
-    blobs = np.array([r[3] for r in rows])
+    blobs = np.array([r.mask_only_blob for r in rows])
     print(f"mask-only blobs: {(blobs >= 500).sum()} of >= 500 px, {(blobs >= 2000).sum()} >= 2000")
-    by_blob = sorted(range(len(rows)), key=lambda r: -rows[r][3])
-    for name, ranked in (("lowest.png", order), ("blobs.png", by_blob)):
+    by_blob = sorted(rows, key=lambda r: -r.mask_only_blob)
+    for name, ranked in (("lowest.png", rows), ("blobs.png", by_blob)):
         top = ranked[:show]
-        titles = [f"{rows[r][0]}: IoU {rows[r][2]:.2f}, blob {rows[r][3]}" for r in top]
-        plot_triples(titles, [shown[r] for r in top], out / name)
+        panels = []
+        for r in top:
+            image, labels = dataset.read(samples[r.id])
+            panels.append((image, dataset.tree.person_labels(labels) == 1, preds[r.id]))
+        titles = [f"{r.id}: IoU {r.person_iou:.2f}, blob {r.mask_only_blob}" for r in top]
+        plot_triples(titles, panels, out / name)
 
 
 def plot_triples(titles: list[str], panels: list, path: Path) -> None:
