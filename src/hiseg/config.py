@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hiseg.errors import HisegError
 
 DEFAULTS: dict[str, Any] = {
     "name": None,  # run name; default: the config file's stem
@@ -83,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
 FREE_FORM = {"model.decoder"}
 
 
-class ConfigError(ValueError):
+class ConfigError(HisegError, ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from hiseg.images import IMAGE_SUFFIXES, MASK_SUFFIXES, ImageReadError, read_image, read_mask
 from hiseg.taxonomy import BACKGROUND, IGNORE_VALUE, Tree, load_tree
+from hiseg.errors import HisegError
 
 #: Person-size buckets, as a share of the image covered by one connected body region.
 SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
@@ -34,7 +35,7 @@ SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(HisegError, ValueError):
     """A dataset cannot be opened at all (wrong path, unknown layout, unknown split)."""
 
 

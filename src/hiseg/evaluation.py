@@ -30,6 +30,7 @@ from hiseg.data import (
 from hiseg.images import ImageReadError, read_mask
 from hiseg.metrics import ConfusionMatrix
 from hiseg.taxonomy import Tree, load_tree
+from hiseg.errors import HisegError
 
 if TYPE_CHECKING:
     from hiseg.predictor import Predictor
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 BUCKET_NAMES = [name for name, _, _ in SIZE_BUCKETS]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(HisegError, ValueError):
     """Predictions cannot be scored (missing files, wrong sizes, unknown values)."""
 
 

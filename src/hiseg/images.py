@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from hiseg.errors import HisegError
 
 #: Largest image accepted, in pixels (about 16k x 16k would be 256 Mpx). Larger files are refused
 #: with a clear message instead of exhausting memory.
@@ -20,7 +21,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".npy", ".bmp", ".tif", ".tiff")
 
 
-class ImageReadError(OSError):
+class ImageReadError(HisegError, OSError):
     """A file could not be read as an image or mask. ``str()`` gives ``path: reason``."""
 
     def __init__(self, path: str | Path, reason: str):

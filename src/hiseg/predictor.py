@@ -28,6 +28,7 @@ from hiseg.inference import letterbox, normalize, softmax, unletterbox
 from hiseg.postprocess import clean_labels
 from hiseg.taxonomy import Tree
 from hiseg.visualize import overlay_with_legend
+from hiseg.errors import HisegError
 
 #: ONNX metadata key holding the JSON description written by ``hiseg export``.
 METADATA_KEY = "hiseg"
@@ -38,7 +39,7 @@ TILE_FACTOR = 1.5
 MIN_ZOOM = 1.5
 
 
-class ModelError(ValueError):
+class ModelError(HisegError, ValueError):
     """A model cannot be found or loaded; the message names it and says why."""
 
 

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 import yaml
+from hiseg.errors import HisegError
 
 BACKGROUND = "background"
 #: Label value that marks pixels to ignore (padding, unlabeled borders). Never a leaf value.
 IGNORE_VALUE = 255
 
 
-class TreeError(ValueError):
+class TreeError(HisegError, ValueError):
     """A class tree definition is invalid; the message names the fault."""
 
 
