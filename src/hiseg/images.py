@@ -2,20 +2,33 @@
 
 Images come back as RGB uint8 arrays, upright (EXIF orientation applied), whatever the file's mode
 (grayscale, palette, CMYK, 16-bit, alpha). Masks come back as 2-D integer arrays of raw values.
+:func:`as_rgb` is the one door into the predictor: it turns what a Python user passes (a path, a
+PIL image, an array of any common dtype and layout) into that RGB uint8 array, or refuses it with
+:class:`ImageInputError` saying what is expected.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from hiseg.errors import HisegError
 
 #: Largest image accepted, in pixels (about 16k x 16k would be 256 Mpx). Larger files are refused
-#: with a clear message instead of exhausting memory.
+#: from their header, before any pixel is decoded, instead of exhausting memory.
 MAX_PIXELS = 100_000_000
+
+#: What :func:`as_rgb` accepts.
+ImageLike = np.ndarray | Image.Image | str | os.PathLike
+
+EXPECTED = (
+    "expected a path, a PIL image, or an (H, W, 3) RGB / (H, W, 4) RGBA / (H, W) or (H, W, 1) grey "
+    "array of uint8, uint16 (0..65535), other integers in 0..255, or floats in 0..1 or 0..255"
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".npy", ".bmp", ".tif", ".tiff")
@@ -30,6 +43,17 @@ class ImageReadError(HisegError, OSError):
         super().__init__(f"{path}: {reason}")
 
 
+class ImageInputError(HisegError, ValueError):
+    """An image passed to the Python API is not one hiseg can read; the message says what is."""
+
+
+def _over_limit(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"image is {width}x{height} = {width * height / 1e6:.0f} Mpx, "
+        f"over the {max_pixels / 1e6:.0f} Mpx limit"
+    )
+
+
 def _open(path: Path, max_pixels: int) -> Image.Image:
     if not path.exists():
         raise ImageReadError(path, "file not found")
@@ -37,20 +61,22 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageReadError(path, "is a folder, not an image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            # hiseg's own limit below applies, not Pillow's lower warning threshold (89.5 Mpx)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # reads the header only
             if img.width * img.height > max_pixels:
-                raise ImageReadError(
-                    path,
-                    f"image is {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} Mpx, "
-                    f"over the {max_pixels / 1e6:.0f} Mpx limit",
-                )
+                raise ImageReadError(path, _over_limit(img.width, img.height, max_pixels))
             img.load()  # decode now: truncated data raises here, not later
     except ImageReadError:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError:
+        # Pillow refuses headers over twice its own limit before hiseg can look at the size
+        bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        reason = f"image is over {bomb / 1e6:.0f} Mpx, over the {max_pixels / 1e6:.0f} Mpx limit"
+        raise ImageReadError(path, reason) from None
+    except (OSError, SyntaxError, ValueError) as err:
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower():
             reason = f"truncated image data ({reason})"
@@ -86,6 +112,76 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except Exception as err:  # a broken EXIF block must not hide a readable image
         warnings.warn(f"{path}: EXIF orientation ignored ({err})", stacklevel=2)
     return to_rgb(img)
+
+
+def as_rgb(image: ImageLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Path | None]:
+    """Whatever a user passes -> (RGB uint8 (H, W, 3) array, the file's path or None).
+
+    Paths are read by :func:`read_image`. PIL images are taken as they are (no EXIF rotation).
+    Arrays: uint8 as is; uint16 spans 0..65535 (one holding only 0..255 is refused as ambiguous);
+    other integers must hold 0..255; floats must be finite and >= 0, and are read as 0..1 when
+    their maximum is <= 1, else as 0..255. Grey (H, W) or (H, W, 1) is repeated to RGB, RGBA is
+    composited on black (as files are). Anything else raises :class:`ImageInputError`.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return read_image(path, max_pixels), path
+    if isinstance(image, Image.Image):
+        if image.width * image.height > max_pixels:
+            reason = _over_limit(image.width, image.height, max_pixels)
+            raise ImageInputError(f"PIL image: {reason}")
+        try:
+            return to_rgb(image), None
+        except (OSError, ValueError) as err:
+            raise ImageInputError(f"PIL image cannot be decoded ({err})") from None
+    if not isinstance(image, np.ndarray):
+        raise ImageInputError(f"got a {type(image).__name__}; {EXPECTED}")
+    return _array_to_rgb(image, max_pixels), None
+
+
+def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
+    what = f"image array of shape {array.shape} and dtype {array.dtype}"
+    layout_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
+    if not layout_ok or array.size == 0:
+        fault = "empty" if array.size == 0 else "wrong shape"
+        raise ImageInputError(f"{what}: {fault}; {EXPECTED}")
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise ImageInputError(f"{what}: {_over_limit(array.shape[1], array.shape[0], max_pixels)}")
+    if array.dtype == np.uint8:
+        values = array
+    elif array.dtype == np.uint16:
+        top = int(array.max())
+        if 0 < top <= 255:
+            raise ImageInputError(
+                f"{what}: uint16 holding only 0..{top} is ambiguous (16-bit images span "
+                "0..65535); pass 8-bit values as uint8"
+            )
+        values = _round_to_uint8(array / 257.0)
+    elif np.issubdtype(array.dtype, np.integer):
+        if int(array.min()) < 0 or int(array.max()) > 255:
+            raise ImageInputError(f"{what}: integer values outside 0..255; {EXPECTED}")
+        values = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise ImageInputError(f"{what}: holds NaN or infinite values")
+        low, top = float(array.min()), float(array.max())
+        if low < 0 or top > 255:
+            raise ImageInputError(f"{what}: values {low:g}..{top:g} outside 0..1 and 0..255")
+        values = _round_to_uint8(array * 255.0 if top <= 1.0 else array)
+    else:
+        raise ImageInputError(f"{what}: unsupported dtype; {EXPECTED}")
+    if values.ndim == 2:
+        values = values[..., None]
+    if values.shape[2] == 1:
+        return np.repeat(values, 3, axis=2)
+    if values.shape[2] == 4:
+        rgb = values[..., :3].astype(np.float32) * (values[..., 3:] / np.float32(255.0))
+        return _round_to_uint8(rgb)
+    return np.ascontiguousarray(values)
+
+
+def _round_to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def read_mask(path: str | Path) -> np.ndarray:

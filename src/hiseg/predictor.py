@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from hiseg.data import MIN_REGION_PIXELS, person_regions
-from hiseg.images import read_image
+from hiseg.images import ImageLike, as_rgb
 from hiseg.inference import letterbox, normalize, softmax, unletterbox
 from hiseg.postprocess import clean_labels
 from hiseg.taxonomy import Tree
@@ -321,11 +321,8 @@ class Predictor:
         out[:, zoomed] = (1 - self.zoom_weight) * probs[:, zoomed] + self.zoom_weight * refined
         return out
 
-    def predict(self, image: np.ndarray | str | Path) -> Result:
-        path = None
-        if not isinstance(image, np.ndarray):
-            path = Path(image)
-            image = read_image(path)
+    def predict(self, image: ImageLike) -> Result:
+        image, path = as_rgb(image)
         probs = self.leaf_probs(image)
         labels = self.tree.decode(probs)
         if self.clean:
