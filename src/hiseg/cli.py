@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from hiseg import __version__
 from hiseg.config import ConfigError, load_config
@@ -23,10 +26,24 @@ from hiseg.data import (
     dataset_stats,
     open_dataset,
 )
+from hiseg.errors import HisegError
 from hiseg.evaluation import EvaluationError, score_prediction_dir
 from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
 
+
+class HisegGroup(TyperGroup):
+    """The one error handler of every command: a user mistake or a bad path (any HisegError, any
+    OSError) prints one ``error:`` line and exits 2, never a traceback."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except (HisegError, OSError) as err:
+            raise fail(str(err) or type(err).__name__) from None
+
+
 app = typer.Typer(
+    cls=HisegGroup,
     help="Hierarchical human segmentation: person, upper/lower body and six parts.",
     no_args_is_help=True,
     add_completion=False,
@@ -200,8 +217,10 @@ MODELS = typer.Option(
     None, "--model", "-m", help="Bundled model name, .onnx or .ckpt; repeat for an ensemble."
 )
 BACKEND = typer.Option("auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch.")
-THREADS = typer.Option(None, help="CPU threads (default: all cores).")
-LONG_SIDE = typer.Option(None, help="Model input long side (default: model's).")
+THREADS = typer.Option(None, help="CPU threads, 1 to the number of cores (default: all cores).")
+LONG_SIDE = typer.Option(
+    None, help="Model input long side, 32 to 4096 pixels (default: the model's)."
+)
 FLIP = typer.Option(False, "--flip", help="Average with the mirrored image (TTA).")
 SCALES = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25.")
 TILE = typer.Option(False, "--tile", help="Sliding windows on large images.")
@@ -213,34 +232,70 @@ CLEAN = typer.Option(
 )
 
 
+#: Network input long sides accepted: below 32 px nothing is left to see, above 4096 px the
+#: full-size probability maps no longer fit a typical machine's memory.
+LONG_SIDE_RANGE = (32, 4096)
+#: TTA scales accepted (times the long side).
+SCALE_RANGE = (0.25, 4.0)
+
+
+def at_least(option: str, value: int | None, low: int) -> int | None:
+    """``value`` if None or >= ``low``; else one clear error line (exit 2)."""
+    if value is not None and value < low:
+        raise fail(f"{option} must be at least {low}, not {value}")
+    return value
+
+
+def in_range(option: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise fail(f"{option} must be between {low:g} and {high:g}, not {value:g}")
+
+
+def cpu_threads(threads: int | None, option: str = "--threads") -> int | None:
+    """``threads`` clamped to the machine's cores (more only thrash); below 1 is an error."""
+    at_least(option, threads, 1)
+    cores = os.cpu_count() or 1
+    if threads is None or threads <= cores:
+        return threads
+    err_console.print(f"note: {option} {threads} lowered to the {cores} CPU cores", highlight=False)
+    return cores
+
+
+def check_long_side(option: str, value: int | None) -> int | None:
+    if value is not None:
+        in_range(option, value, *LONG_SIDE_RANGE)
+    return value
+
+
 def parse_scales(text: str) -> tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(","))
     except ValueError:
         raise fail(f"--scales must be numbers separated by commas, not '{text}'") from None
-    if not scales or min(scales) <= 0:
-        raise fail(f"--scales must be positive, not '{text}'")
+    for scale in scales:
+        in_range("--scales", scale, *SCALE_RANGE)  # also refuses nan
     return scales
 
 
 def load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean):
-    """The predictor the shared options describe; a clear error if a model can't load."""
-    from hiseg.predictor import ModelError, load
+    """The predictor the shared options describe, options checked first; a model that can't
+    load is one error line (the handler of :class:`HisegGroup`)."""
+    from hiseg.predictor import load
 
-    try:
-        return load(
-            model or None,
-            backend=backend,
-            threads=threads,
-            long_side=long_side,
-            flip=flip,
-            scales=parse_scales(scales),
-            tile=tile,
-            zoom=zoom,
-            clean=clean,
-        )
-    except ModelError as err:
-        raise fail(str(err)) from None
+    threads = cpu_threads(threads)
+    check_long_side("--long-side", long_side)
+    at_least("--clean", clean, 0)
+    return load(
+        model or None,
+        backend=backend,
+        threads=threads,
+        long_side=long_side,
+        flip=flip,
+        scales=parse_scales(scales),
+        tile=tile,
+        zoom=zoom,
+        clean=clean,
+    )
 
 
 @app.command("eval")
@@ -276,8 +331,19 @@ def evaluate(
     ),
 ) -> None:
     """Score a model (or a folder of predictions) per level of the class tree."""
+    from hiseg.runner import writable_file, writable_folder
+
     if (model is None) == (pred_dir is None):
         raise fail("give either --model (one or more) or --pred-dir")
+    if report is not None and model is None:
+        raise fail("--report needs --model (the report shows the model's worst images)")
+    at_least("--limit", limit, 1)
+    at_least("--worst", worst, 0)
+    for option, folder in (("--report", report), ("--save-pred", save_pred)):
+        if folder is not None:
+            writable_folder(folder, option)
+    if json_out is not None:
+        writable_file(json_out, "--json")
     try:
         dataset = open_dataset(data, split, format)
         if pred_dir is not None:
@@ -308,12 +374,9 @@ def evaluate(
         raise fail(str(err), code=1) from None
     print_scores(scores)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(scores, indent=2))
         console.print(f"saved {json_out}", highlight=False)
-    if report is not None:
-        if result is None:
-            raise fail("--report needs --model (the report shows the model's worst images)")
+    if result is not None and report is not None:
         from hiseg.report import log_report_to_mlflow, write_report
 
         console.print(f"report saved to {write_report(result, report)}", highlight=False)
@@ -404,10 +467,21 @@ def predict_command(
         None, help="Images, folders, globs ('photos/*.jpg'), videos, or a webcam index."
     ),
     model: list[str] | None = MODELS,
-    source: str | None = typer.Option(None, "--source", help="Webcam index (e.g. 0) or input."),
-    out: Path = typer.Option(Path("runs/predict"), "--out", "-o", help="Output folder."),
+    source: str | None = typer.Option(
+        None,
+        "--source",
+        help="Webcam index (e.g. 0) or input; digits name a webcam unless such a file exists.",
+    ),
+    out: Path = typer.Option(
+        Path("runs/predict"),
+        "--out",
+        "-o",
+        help="Output folder; existing files are never replaced (taken names get _2, _3, ...).",
+    ),
     levels: bool = typer.Option(False, "--levels", help="Also save one colour mask per level."),
-    summary: bool = typer.Option(False, "--json", help="Also save a JSON summary per image."),
+    summary: bool = typer.Option(
+        False, "--json", help="Also save a JSON summary per image and summary.json for the run."
+    ),
     backend: str = BACKEND,
     threads: int | None = THREADS,
     long_side: int | None = LONG_SIDE,
@@ -418,28 +492,52 @@ def predict_command(
     clean: int | None = CLEAN,
     max_frames: int | None = typer.Option(None, help="Stop videos/webcams after N frames."),
 ) -> None:
-    """Segment images, folders, videos or a webcam; results are saved under --out."""
-    from hiseg.runner import Saver, expand_sources, run
+    """Segment images, folders, videos or a webcam; results are saved under --out.
+
+    Ctrl-C (or SIGTERM) stops after the current input: finished results (and a webcam's video
+    so far) are kept, summary.json lists them, and the exit code is 128 + the signal number.
+    """
+    from hiseg.runner import Saver, expand_sources, run, stop_on_signals
 
     texts = list(inputs or []) + ([source] if source is not None else [])
     if not texts:
         raise fail("nothing to segment: give images, folders, globs, videos or --source 0")
-    sources, failed = expand_sources(texts)
-    predictor = load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean)
+    at_least("--max-frames", max_frames, 1)
+    found = expand_sources(texts)
+    if out.resolve() in {folder.resolve() for folder in found.folders}:
+        raise fail(f"--out {out} is also an input folder: its results would become inputs")
     saver = Saver(out, levels=levels, summary=summary)
-    with progress_bar(len(sources), "segmenting") as advance:
+    predictor = load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean)
+    sources = found.sources
+    with stop_on_signals(), progress_bar(len(sources), "segmenting") as advance:
         report = run(predictor, sources, saver, max_frames, on_image=lambda: advance(1))
-    failed += report.failed
-    if summary:
-        (out / "summary.json").write_text(json.dumps(report.summaries, indent=2))
+        n_ok = report.done - len(report.failed)
+        report.failed[:0] = found.failed
+        summary_path = saver.write_summary(report, len(sources))
     if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
         for item in report.summaries:
             print_summary(item)
-    n_ok = len(sources) - len(report.failed)
-    console.print(f"segmented {n_ok} of {len(sources)} input(s); results saved to {out}/")
-    for name, reason in failed:
+    done = f"segmented {n_ok} of {len(sources)} input(s)"
+    if report.stopped:
+        done = f"stopped by {signal.Signals(report.stopped).name}: {done}"
+    console.print(f"{done}; results saved to {out}/", highlight=False)
+    if summary_path:
+        console.print(f"summary: {summary_path}", highlight=False)
+    if found.repeats:
+        console.print(f"note: {found.repeats} repeated path(s) to an input were skipped")
+    if saver.renamed:
+        shown = ", ".join(f"{a} -> {b}" for a, b in saver.renamed[:3])
+        more = ", ..." if len(saver.renamed) > 3 else ""
+        err_console.print(
+            f"note: {len(saver.renamed)} name(s) already taken in {out}/ (existing files are "
+            f"never replaced): {shown}{more}",
+            highlight=False,
+        )
+    for name, reason in report.failed:
         err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
-    if failed:
+    if report.stopped:
+        raise typer.Exit(128 + report.stopped)
+    if report.failed:
         raise typer.Exit(1)
 
 
@@ -466,6 +564,8 @@ def export_command(
     """Export a checkpoint to ONNX for the torch-free runtime; optionally an int8 copy."""
     if int8 and data is None:
         raise fail("--int8 needs --data: int8 is calibrated and scored on real images")
+    at_least("--limit", limit, 1)
+    at_least("--clean", clean, 0)
     try:
         from hiseg.export import (
             VALIDATION_IMAGES,
@@ -534,16 +634,19 @@ def bench_command(
 ) -> None:
     """Latency (median, p90) and images/s of the network and of predict, per runtime."""
     from hiseg.bench import benchmark, write_markdown
-    from hiseg.predictor import ModelError
+    from hiseg.runner import writable_file
 
     try:
-        long_sides = [int(s) for s in sizes.split(",") if s.strip()]
+        long_sides = [int(s) for s in sizes.split(",")]
     except ValueError:
         raise fail(f"--sizes takes comma-separated integers, not '{sizes}'") from None
-    try:
-        rows = benchmark(model, long_sides, threads=threads, runs=runs, warmup=warmup)
-    except (FileNotFoundError, ModelError) as err:
-        raise fail(str(err)) from None
+    for long_side in long_sides:
+        check_long_side("--sizes", long_side)
+    threads = cpu_threads(threads) or 1
+    at_least("--runs", runs, 1)
+    at_least("--warmup", warmup, 0)
+    writable_file(out, "--out")
+    rows = benchmark(model, long_sides, threads=threads, runs=runs, warmup=warmup)
     table = Table(title=f"batch 1, {threads} thread(s), {runs} runs")
     text = ("model", "runtime", "precision", "task", "input")
     numbers = ("median_ms", "p90_ms", "images_per_s")

@@ -4,13 +4,23 @@ Each image input gives ``<stem>.png`` (single-channel leaf label map, the input'
 ``<stem>_overlay.jpg`` (colour overlay with a legend) and, on request, ``<stem>_level<k>.png``
 (one colour mask per level) and ``<stem>.json`` (pixel share per node, number of people). A video
 gives ``<stem>_overlay.mp4``. A bad input is reported by name with its reason and the run goes on.
+
+Outputs never replace an existing file (an input, an earlier run's result, a concurrent run's
+result): each input's whole set of names is claimed with exclusive creates, and a taken name moves
+the input to ``<stem>_2``, ``<stem>_3``, ... Every file is written to a hidden temporary name and
+renamed, so an interrupted run leaves no truncated file.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
+import os
+import signal
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +29,26 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from hiseg.errors import HisegError
 from hiseg.images import IMAGE_SUFFIXES, ImageReadError
 from hiseg.predictor import Predictor, Result
+from hiseg.taxonomy import Tree
 from hiseg.visualize import colorize
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+GLOB_CHARS = "*?["
+
+
+class OutputError(HisegError):
+    """The output location cannot be used; found before any work starts."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the run stops after cleaning up and saying what it did."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -43,10 +68,22 @@ class Source:
 
 
 @dataclass
+class Inputs:
+    """What the command line named: the sources, the names that failed, the repeats dropped."""
+
+    sources: list[Source] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    repeats: int = 0  # paths leading to a file already taken (links, overlapping globs)
+    folders: list[Path] = field(default_factory=list)  # folders named as inputs
+
+
+@dataclass
 class RunReport:
     saved: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
     summaries: list[dict[str, Any]] = field(default_factory=list)
+    done: int = 0  # inputs finished, successfully or not
+    stopped: int | None = None  # the signal that stopped the run early
 
 
 def _kind(path: Path) -> str | None:
@@ -54,64 +91,233 @@ def _kind(path: Path) -> str | None:
     return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
 
-def expand_sources(inputs: list[str]) -> tuple[list[Source], list[tuple[str, str]]]:
-    """Files, folders (their images and videos), globs and webcam indices -> sources + errors."""
-    sources: list[Source] = []
-    errors: list[tuple[str, str]] = []
-    for text in inputs:
-        if text.isdigit():
-            sources.append(Source("webcam", camera=int(text)))
-            continue
-        path = Path(text).expanduser()
-        if path.is_dir():
-            found = [p for p in sorted(path.iterdir()) if p.is_file() and _kind(p)]
-            if not found:
-                errors.append((text, "folder holds no images or videos"))
-            sources += [Source(_kind(p), p) for p in found]  # type: ignore[arg-type]
-        elif any(c in text for c in "*?["):
-            matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
-            found = [p for p in matches if p.is_file() and _kind(p)]
-            if not found:
-                errors.append((text, "pattern matches no images or videos"))
-            sources += [Source(_kind(p), p) for p in found]  # type: ignore[arg-type]
-        elif path.is_file():
-            # unknown suffixes are tried as images: the reader names the problem if they are not
-            sources.append(Source(_kind(path) or "image", path))
+def _path_fault(path: Path) -> str | None:
+    """Why ``path`` leads to nothing: a symbolic link loop, a broken link, or no such file."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return f"broken symbolic link (to {os.readlink(path)})"
+        return "file not found" if err.errno == errno.ENOENT else err.strerror or str(err)
+    return None
+
+
+def expand_sources(texts: list[str]) -> Inputs:
+    """Files, folders (their images and videos), globs and webcam indices -> :class:`Inputs`.
+
+    An existing path wins over a webcam index: ``0`` is webcam 0 only when nothing named ``0``
+    exists (write ``./0`` for such a file). Every file is taken once, by its resolved path,
+    however many names (links, ``**`` globs through linked folders, repeats) lead to it.
+    Symbolic link loops and broken links are reported, never skipped in silence.
+    """
+    inputs = Inputs()
+    taken: set[Path] = set()
+
+    def add(path: Path, kind: str) -> None:
+        real = path.resolve()
+        if real in taken:
+            inputs.repeats += 1
         else:
-            errors.append((text, "file not found"))
-    return sources, errors
+            taken.add(real)
+            inputs.sources.append(Source(kind, path))
+
+    def add_found(text: str, candidates: list[Path], empty: str) -> None:
+        found = 0
+        for path in candidates:
+            fault = _path_fault(path)
+            if fault:
+                inputs.failed.append((str(path), fault))
+            elif path.is_file() and _kind(path):
+                add(path, _kind(path))  # type: ignore[arg-type]
+                found += 1
+        if not found:
+            inputs.failed.append((text, empty))
+
+    for text in texts:
+        path = Path(text).expanduser()
+        exists = os.path.lexists(path)
+        if text.isdigit() and not exists:
+            inputs.sources.append(Source("webcam", camera=int(text)))
+        elif any(c in text for c in GLOB_CHARS) and not exists:
+            matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+            add_found(text, matches, "pattern matches no images or videos")
+        elif fault := _path_fault(path):
+            inputs.failed.append((text, fault))
+        elif path.is_dir():
+            inputs.folders.append(path)
+            add_found(text, sorted(path.iterdir()), "folder holds no images or videos")
+        else:
+            # unknown suffixes are tried as images: the reader names the problem if they are not
+            add(path, _kind(path) or "image")
+    return inputs
+
+
+def _probe_writable(folder: Path, option: str) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".hiseg-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"{option} {folder}: cannot write there ({err.strerror})") from None
+
+
+def writable_folder(folder: Path, option: str = "--out") -> Path:
+    """``folder``, created if needed, once a file was written and removed in it; else a clear
+    :class:`OutputError` naming the option, so a bad location fails before any work starts."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {folder}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{option} {folder}: cannot create the folder ({err.strerror})") from None
+    _probe_writable(folder, option)
+    return folder
+
+
+def writable_file(path: Path, option: str) -> Path:
+    """``path`` once its folder is known writable and it is not itself a folder."""
+    if path.is_dir():
+        raise OutputError(f"{option} {path}: is a folder, not a file")
+    writable_folder(path.parent, option)
+    return path
 
 
 class Saver:
-    """Writes results under ``out``, giving every input its own, unclashing stem."""
+    """Writes results under ``out``: every input's names claimed exclusively, every file
+    written to a hidden temporary name and renamed into place."""
 
     def __init__(self, out: Path, levels: bool = False, summary: bool = False):
-        self.out, self.levels, self.summary = out, levels, summary
-        self.used: set[str] = set()
-        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.levels = writable_folder(out), levels
+        self.renamed: list[tuple[str, str]] = []  # (wanted stem, stem given) when a name was taken
+        # claimed first, so an input called "summary" cannot take the run summary's name
+        self.summary_path = self.claim("summary", lambda s: [f"{s}.json"])[0] if summary else None
 
-    def unique_stem(self, stem: str) -> str:
-        name, i = stem, 1
-        while name in self.used:
-            i += 1
-            name = f"{stem}_{i}"
-        self.used.add(name)
-        return name
+    def claim(self, stem: str, names: Callable[[str], list[str]]) -> list[Path]:
+        """Creates ``names(stem)`` (else of ``stem_2``, ``stem_3``, ...) empty and exclusively:
+        no existing file, input or concurrent run's output is ever replaced."""
+        candidate, i = stem, 1
+        while True:
+            claimed: list[Path] = []
+            try:
+                for name in names(candidate):
+                    path = self.out / name
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                    claimed.append(path)
+            except FileExistsError:
+                _unlink(claimed)
+                i += 1
+                candidate = f"{stem}_{i}"
+                continue
+            except BaseException:
+                _unlink(claimed)
+                raise
+            if candidate != stem:
+                self.renamed.append((stem, candidate))
+            return claimed
+
+    def image_names(self, stem: str, tree: Tree) -> list[str]:
+        names = [f"{stem}.png", f"{stem}_overlay.jpg"]
+        if self.levels:
+            names += [f"{stem}_level{level.index}.png" for level in tree.levels]
+        if self.summary_path:
+            names.append(f"{stem}.json")
+        return names
 
     def save(self, result: Result, stem: str) -> list[Path]:
-        paths = [self.out / f"{stem}.png", self.out / f"{stem}_overlay.jpg"]
-        Image.fromarray(result.labels).save(paths[0])
-        Image.fromarray(result.overlay()).save(paths[1], quality=92)
-        if self.levels:
-            for level in result.tree.levels:
-                path = self.out / f"{stem}_level{level.index}.png"
-                Image.fromarray(colorize(result.labels, result.tree, level.index)).save(path)
-                paths.append(path)
-        if self.summary:
-            path = self.out / f"{stem}.json"
-            path.write_text(json.dumps(result.summary(), indent=2))
-            paths.append(path)
+        """The result's files, all or none (an interrupt removes the ones already written)."""
+        paths = self.claim(stem, lambda s: self.image_names(s, result.tree))
+        levels = result.tree.levels if self.levels else []
+        try:
+            publish(paths[0], lambda tmp: Image.fromarray(result.labels).save(tmp, "PNG"))
+            picture = Image.fromarray(result.overlay())
+            publish(paths[1], lambda tmp: picture.save(tmp, "JPEG", quality=92))
+            for level, path in zip(levels, paths[2:], strict=False):
+                mask = Image.fromarray(colorize(result.labels, result.tree, level.index))
+                publish(path, lambda tmp, mask=mask: mask.save(tmp, "PNG"))
+            if self.summary_path:
+                publish(paths[-1], json_writer(result.summary()))
+        except BaseException:
+            _unlink(paths)
+            raise
         return paths
+
+    def save_video(
+        self,
+        predictor: Predictor,
+        source: Source,
+        max_frames: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[Path, KeyboardInterrupt | None]:
+        """``<stem>_overlay.mp4`` and the signal that stopped it early, if any (its frames are
+        kept)."""
+        (path,) = self.claim(source.stem, lambda s: [f"{s}_overlay.mp4"])
+        try:
+            stop = publish(
+                path, lambda tmp: segment_video(predictor, source, tmp, max_frames, progress)
+            )
+        except BaseException:
+            _unlink([path])
+            raise
+        return path, stop
+
+    def write_summary(self, report: RunReport, inputs: int) -> Path | None:
+        """``summary.json``: every finished image, every failure, and whether the run stopped."""
+        if self.summary_path is None:
+            return None
+        summary = {
+            "inputs": inputs,
+            "finished": report.done,
+            "stopped_by": signal.Signals(report.stopped).name if report.stopped else None,
+            "images": report.summaries,
+            "failed": [{"input": name, "reason": reason} for name, reason in report.failed],
+        }
+        publish(self.summary_path, json_writer(summary))
+        return self.summary_path
+
+
+def publish(path: Path, write: Callable[[Path], Any]) -> Any:
+    """``write(temporary)`` then rename onto ``path``: readers see the whole file or none. The
+    temporary name is hidden (leading dot), keeps the suffix (writers pick formats by it) and
+    is removed if anything fails."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        value = write(tmp)
+        os.replace(tmp, path)
+    finally:
+        _unlink([tmp])
+    return value
+
+
+def json_writer(data: Any) -> Callable[[Path], None]:
+    return lambda tmp: tmp.write_text(json.dumps(data, indent=2))
+
+
+def _unlink(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Stopped` (once: later ones are ignored while the run
+    cleans up and reports); the previous handlers come back afterwards. Main thread only."""
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in handled}
+
+    def stop(signum: int, frame: Any) -> None:
+        for s in handled:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for s in handled:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def frames(source: Source) -> tuple[Iterator[np.ndarray], float, int]:
@@ -141,11 +347,13 @@ def segment_video(
     out: Path,
     max_frames: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Annotated video (overlay with legend) written frame by frame as ``<stem>_overlay.mp4``."""
+) -> KeyboardInterrupt | None:
+    """Annotated video (overlay with legend) written frame by frame to ``out``. A signal stops it
+    early, keeping the frames done (the usual way to end a webcam): returns that signal."""
     stream, fps, count = frames(source)
     writer = None
     n = 0
+    stopped = None
     try:
         for frame in stream:
             picture = cv2.cvtColor(predictor.predict(frame).overlay(), cv2.COLOR_RGB2BGR)
@@ -159,12 +367,16 @@ def segment_video(
                 progress(n, count)
             if max_frames and n >= max_frames:
                 break
+    except KeyboardInterrupt as stop:
+        if n == 0:
+            raise
+        stopped = stop
     finally:
         if writer is not None:
             writer.release()
     if n == 0:
         raise ImageReadError(str(source), "no frames could be read")
-    return out
+    return stopped
 
 
 def run(
@@ -175,22 +387,33 @@ def run(
     on_image: Callable[[], None] | None = None,
     on_frame: Callable[[int, int], None] | None = None,
 ) -> RunReport:
-    """Segment every source, saving as it goes; failures are collected, never fatal."""
+    """Segment every source, saving as it goes; failures are collected, never fatal. A signal
+    (see :func:`stop_on_signals`) ends the run early with every finished input saved."""
     report = RunReport()
-    for source in sources:
-        stem = saver.unique_stem(source.stem)
-        try:
-            if source.kind == "image":
-                result = predictor.predict(source.path)  # type: ignore[arg-type]
-                report.saved += saver.save(result, stem)
-                report.summaries.append(result.summary())
-            else:
-                path = saver.out / f"{stem}_overlay.mp4"
-                report.saved.append(segment_video(predictor, source, path, max_frames, on_frame))
-        except ImageReadError as err:
-            report.failed.append((str(err.path), err.reason))
-        except MemoryError:
-            report.failed.append((str(source), "out of memory while segmenting"))
-        if on_image:
-            on_image()
+    try:
+        for source in sources:
+            try:
+                if source.kind == "image":
+                    result = predictor.predict(source.path)  # type: ignore[arg-type]
+                    paths = saver.save(result, source.stem)
+                    report.saved += paths
+                    report.summaries.append(
+                        {**result.summary(), "outputs": [p.name for p in paths]}
+                    )
+                else:
+                    path, stop = saver.save_video(predictor, source, max_frames, on_frame)
+                    report.saved.append(path)
+                    if stop:
+                        report.done += 1
+                        raise stop
+            except HisegError as err:
+                reason = err.reason if isinstance(err, ImageReadError) else str(err)
+                report.failed.append((str(source), reason))
+            except MemoryError:
+                report.failed.append((str(source), "out of memory while segmenting"))
+            report.done += 1
+            if on_image:
+                on_image()
+    except KeyboardInterrupt as err:
+        report.stopped = err.signum if isinstance(err, Stopped) else signal.SIGINT
     return report
