@@ -104,6 +104,23 @@ def _path_fault(path: Path) -> str | None:
     return None
 
 
+def _loop_link(path: Path) -> Path:
+    """The first part of ``path`` that leads back to a folder passed before it (a link to an
+    ancestor, which ``**`` globs follow until the system refuses), else ``path``."""
+    seen: set[Path] = set()
+    prefix = Path()
+    for part in path.parts:
+        prefix = prefix / part
+        try:
+            real = prefix.resolve(strict=True)
+        except (OSError, RuntimeError):
+            break
+        if real in seen:
+            return prefix
+        seen.add(real)
+    return path
+
+
 def expand_sources(texts: list[str]) -> Inputs:
     """Files, folders (their images and videos), globs and webcam indices -> :class:`Inputs`.
 
@@ -127,7 +144,11 @@ def expand_sources(texts: list[str]) -> Inputs:
         found = 0
         for path in candidates:
             fault = _path_fault(path)
-            if fault:
+            if fault == "symbolic link loop":
+                failure = (str(_loop_link(path)), fault)
+                if failure not in inputs.failed:
+                    inputs.failed.append(failure)
+            elif fault:
                 inputs.failed.append((str(path), fault))
             elif path.is_file() and _kind(path):
                 add(path, _kind(path))  # type: ignore[arg-type]
