@@ -1,6 +1,5 @@
 """ONNX export, int8 quantisation and benchmarks of the tiny model trained in the test session."""
 
-import json
 import subprocess
 import sys
 
@@ -23,7 +22,8 @@ from hiseg.export import (  # noqa: E402
     validate_export,
 )
 from hiseg.models import load_checkpoint  # noqa: E402
-from hiseg.predictor import METADATA_KEY, load  # noqa: E402
+from hiseg.predictor import load  # noqa: E402
+from hiseg.spec import METADATA_KEY, SCHEMA_VERSION, ModelSpec  # noqa: E402
 
 #: One thread: on a CPU shared with other jobs, torch's OpenMP threads can run 50x slower.
 THREADS = 1
@@ -51,10 +51,11 @@ def test_export_has_dynamic_io_and_metadata(tiny_checkpoint, onnx_path):
     assert (image.name, logits.name) == ("image", "logits")
     assert image.type == "tensor(float)" and image.shape == ["batch", 3, "height", "width"]
     assert logits.shape == ["batch", 7, "height", "width"]
-    meta = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
-    _, ckpt_meta = load_checkpoint(tiny_checkpoint)
-    expected = {"version": hiseg.__version__, "precision": "fp32", "defaults": {"clean": 0}}
-    assert meta == {**ckpt_meta, **expected}
+    spec = ModelSpec.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+    _, ckpt_spec = load_checkpoint(tiny_checkpoint)
+    assert spec == ckpt_spec and spec.schema == SCHEMA_VERSION
+    assert spec.hiseg_version == hiseg.__version__
+    assert (spec.precision, spec.default_clean) == ("fp32", 0)
     assert not list(onnx_path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
 
 
@@ -109,7 +110,7 @@ def test_onnx_matches_torch_on_real_images_and_any_size(tiny_checkpoint, onnx_pa
 def test_int8_is_smaller_and_predicts_valid_labels(onnx_path, int8_path, val):
     assert int8_path.stat().st_size < 0.5 * onnx_path.stat().st_size
     predictor = load(int8_path, threads=THREADS)
-    assert predictor.backends[0].meta["precision"] == "int8"
+    assert predictor.backends[0].spec.precision == "int8"
     image, _ = val[1]
     labels = predictor.predict(image).labels
     assert labels.shape == image.shape[:2]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 
@@ -17,9 +16,10 @@ from hiseg.models import (  # noqa: E402
     ARCHITECTURES,
     create_model,
     load_lite_imagenet_state,
-    model_from_config,
+    model_from_spec,
     preprocessing,
 )
+from hiseg.spec import ModelSpec  # noqa: E402
 from hiseg.taxonomy import load_tree  # noqa: E402
 
 LITE0 = "tf_efficientnet_lite0"
@@ -87,13 +87,14 @@ NARROW_FPN = {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 3
 
 
 @pytest.mark.parametrize("decoder", [None, NARROW_FPN])
-def test_config_rebuilds_an_identical_model(tree, decoder):
+def test_spec_rebuilds_an_identical_model(tree, decoder):
     model = create_model("fpn", f"tu-{LITE0}", tree, pretrained=False, decoder=decoder).eval()
-    config = json.loads(json.dumps(model.config()))  # as stored in a checkpoint
-    assert config["decoder"] == (decoder or {})
-    assert config["arch"] == "fpn" and config["encoder"] == f"tu-{LITE0}"
-    assert config["mean"] == config["std"] == [0.5, 0.5, 0.5] and config["output_stride"] == 32
-    rebuilt = model_from_config(config).eval()
+    spec = ModelSpec.from_json(model.spec(long_side=320, train_size=256).to_json())  # as stored
+    assert spec.decoder == (decoder or {})
+    assert spec.arch == "fpn" and spec.encoder == f"tu-{LITE0}"
+    assert spec.mean == spec.std == (0.5, 0.5, 0.5) and spec.output_stride == 32
+    assert (spec.long_side, spec.train_size) == (320, 256)
+    rebuilt = model_from_spec(spec).eval()
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.tree_name == model.tree_name == "pascal-person-part"
     assert [n.name for n in rebuilt.tree.leaves] == [n.name for n in tree.leaves]

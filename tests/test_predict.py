@@ -143,7 +143,7 @@ def test_clean_removes_islands_and_fills_holes():
 
 
 def test_normalize_is_mean_std_scaling_channels_first():
-    from hiseg.inference import normalize
+    from hiseg.pipeline import normalize
 
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hiseg.inference import letterbox, normalize
+from hiseg.pipeline import prepare
 from hiseg.predictor import Backend, Predictor, load_backend
 
 INT8_SUFFIX = ".int8.onnx"
@@ -95,7 +95,7 @@ def benchmark(
             if names.count(path.name) == 1
             else f"{path.parent.name}/{path.name}",
             "runtime": "torch" if checkpoint else "onnxruntime",
-            "precision": backend.meta.get("precision", "fp32"),
+            "precision": backend.spec.precision,
             "threads": threads,
         }
         for size in sizes:
@@ -104,8 +104,8 @@ def benchmark(
             jobs.append(({**row, "task": "forward", "input": shape}, partial(backend.run, x)))
             if not checkpoint:
                 predictor = Predictor([backend], long_side=size)
-                fitted = letterbox(photo, size, backend.stride)[0].shape
-                shape = "x".join(map(str, photo.shape)) + f" photo -> 1x3x{fitted[0]}x{fitted[1]}"
+                fitted = prepare(photo, backend.spec, size)[0].shape
+                shape = "x".join(map(str, photo.shape)) + f" photo -> 1x3x{fitted[1]}x{fitted[2]}"
                 jobs.append(
                     ({**row, "task": "predict", "input": shape}, partial(predictor.predict, photo))
                 )
@@ -146,10 +146,10 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, command: st
 
 
 def _random_input(rng: np.random.Generator, size: int, backend: Backend) -> np.ndarray:
-    """A normalised random image of long side ``size``, letterboxed as the runtime does."""
+    """The network input of a random 4:3 portrait image of long side ``size``, as the runtime
+    prepares it."""
     image = rng.integers(0, 256, (size, round(size * 3 / 4), 3), np.uint8)
-    fitted, _ = letterbox(image, size, backend.stride)
-    return normalize(fitted, backend.mean, backend.std)[None]
+    return prepare(image, backend.spec, size)[0][None]
 
 
 def _time_interleaved(

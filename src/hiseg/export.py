@@ -1,9 +1,10 @@
 """Export a checkpoint to the ONNX file the runtime serves, check it, and quantise it to int8.
 
-The ONNX file carries what :mod:`hiseg.predictor` needs (tree, normalisation, model size) as JSON
-metadata under ``"hiseg"``, so it predicts with no torch and no training config. int8 is optional
-and kept only when it costs at most one mIoU point at every level of the tree: a faster model that
-is visibly worse is no gain.
+The ONNX file carries what :mod:`hiseg.predictor` needs (tree, normalisation, model size) as its
+:class:`~hiseg.spec.ModelSpec` JSON under the metadata key ``"hiseg"``, so it predicts with no torch
+and no training config. Every image reaches the network through :func:`hiseg.pipeline.prepare`.
+int8 is optional and kept only when it costs at most one mIoU point at every level of the tree: a
+faster model that is visibly worse is no gain.
 
 int8 is static QDQ quantisation with per-channel weights: ONNX Runtime's CPU provider fuses each
 DequantizeLinear -> Conv -> QuantizeLinear into an integer QLinearConv, about twice as fast as fp32
@@ -12,8 +13,8 @@ here. (The QOperator format fails on these graphs: the quantiser reports "Graph 
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
 import os
 import tempfile
 import warnings
@@ -36,10 +37,11 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from hiseg import __version__
 from hiseg.bench import int8_path
 from hiseg.data import Dataset
-from hiseg.inference import Letterbox, letterbox, normalize
 from hiseg.metrics import ConfusionMatrix
 from hiseg.models import load_checkpoint
-from hiseg.predictor import METADATA_KEY, Backend, load, load_backend
+from hiseg.pipeline import prepare
+from hiseg.predictor import load, load_backend
+from hiseg.spec import METADATA_KEY, ModelSpec
 
 INPUT, OUTPUT = "image", "logits"
 DYNAMIC_AXES = {name: {0: "batch", 2: "height", 3: "width"} for name in (INPUT, OUTPUT)}
@@ -65,8 +67,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17, clean:
     ``clean`` is stored as the model's default clean-up (:mod:`hiseg.postprocess`), for models
     where it was measured to help; the predictor uses it unless told otherwise.
     """
-    model, meta = load_checkpoint(checkpoint)
-    side = int(meta["long_side"])
+    model, spec = load_checkpoint(checkpoint)
+    side = spec.long_side
     example = torch.zeros(1, 3, side, side * 3 // 4)  # not a stride multiple: exercises the pad
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the dynamo exporter needs onnxscript, not installed
@@ -85,10 +87,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17, clean:
         )
     proto = onnx.load_from_string(buffer.getvalue())
     fold_same_padding(proto)
-    defaults = {"clean": clean}
-    _set_metadata(
-        proto, {**meta, "version": __version__, "precision": "fp32", "defaults": defaults}
+    spec = dataclasses.replace(
+        spec, precision="fp32", default_clean=clean, hiseg_version=__version__
     )
+    _set_metadata(proto, spec)
     onnx.checker.check_model(proto, full_check=True)
     return _save_atomic(proto, Path(out))
 
@@ -164,12 +166,6 @@ def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
             graph.node.remove(node)
 
 
-def network_input(image: np.ndarray, backend: Backend) -> tuple[np.ndarray, Letterbox]:
-    """(1, 3, H, W) input exactly as the predictor builds it, and how the image was fitted."""
-    fitted, box = letterbox(image, backend.long_side, backend.stride)
-    return normalize(fitted, backend.mean, backend.std)[None], box
-
-
 def validate_export(
     checkpoint: str | Path,
     onnx_path: str | Path,
@@ -181,13 +177,14 @@ def validate_export(
     """
     reference = load_backend(checkpoint, "torch", threads)
     exported = load_backend(onnx_path, "onnx", threads)
-    inputs = [network_input(image, exported) for image in images]
+    inputs = [prepare(image, exported.spec) for image in images]
     # All of torch first: ONNX Runtime's threads spin after each run and would slow torch down.
-    wanted = [reference.run(x) for x, _ in inputs]
+    wanted = [reference.run(x[None]) for x, _ in inputs]
     agree = pixels = 0
     max_diff = 0.0
-    for (x, box), want in zip(inputs, wanted, strict=True):
-        h, w = box.resized_hw
+    for (x, geometry), want in zip(inputs, wanted, strict=True):
+        x = x[None]
+        h, w = geometry.resized_hw
         want, got = want[..., :h, :w], exported.run(x)[..., :h, :w]
         max_diff = max(max_diff, float(np.abs(want - got).max()))
         agree += int((want.argmax(1) == got.argmax(1)).sum())
@@ -227,7 +224,7 @@ def quantize_int8(
     if not calibration_images:
         raise ValueError("int8 calibration needs at least one image")
     source = load_backend(onnx_fp32, "onnx")
-    inputs = (network_input(image, source)[0] for image in calibration_images)
+    inputs = (prepare(image, source.spec)[0][None] for image in calibration_images)
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         # Symbolic shape inference cannot follow the TF-"same" padding; onnx's own inference can.
@@ -245,7 +242,7 @@ def quantize_int8(
         )
         proto = onnx.load(quantized)
     _drop_unused_initializers(proto)
-    _set_metadata(proto, {**source.meta, "precision": "int8"})
+    _set_metadata(proto, dataclasses.replace(source.spec, precision="int8"))
     onnx.checker.check_model(proto)
     return _save_atomic(proto, Path(out))
 
@@ -310,8 +307,8 @@ def export_int8_if_close(
 # -- ONNX graph helpers -----------------------------------------------------------------------
 
 
-def _set_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
+def _set_metadata(proto: onnx.ModelProto, spec: ModelSpec) -> None:
+    onnx.helper.set_model_props(proto, {METADATA_KEY: spec.to_json()})
 
 
 def _float_nodes(proto: onnx.ModelProto) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pickle
 import re
 import socket
 import threading
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 from hiseg.taxonomy import Tree, load_tree
 
 #: Architecture name (lower case) -> smp class. Names are matched case-insensitively.
@@ -57,7 +59,7 @@ DOWNLOAD_TIMEOUT = 5.0
 
 
 class SegmentationModel(nn.Module):
-    """An smp network plus what a checkpoint needs to rebuild it (see :meth:`config`)."""
+    """An smp network plus what a checkpoint needs to rebuild it (see :meth:`spec`)."""
 
     def __init__(
         self, net: nn.Module, arch: str, encoder: str, tree: Tree, decoder: dict[str, Any]
@@ -84,16 +86,26 @@ class SegmentationModel(nn.Module):
         x = F.pad(x, (0, (-w) % OUTPUT_STRIDE, 0, (-h) % OUTPUT_STRIDE))
         return self.net(x)[..., :h, :w]
 
-    def config(self) -> dict[str, Any]:
-        """JSON-able description; :func:`model_from_config` rebuilds the (untrained) model."""
-        return {
-            "arch": self.arch,
-            "encoder": self.encoder,
-            "decoder": self.decoder,
-            "tree": self.tree.to_dict(),
-            **{k: list(v) for k, v in preprocessing(self.encoder).items()},
-            "output_stride": OUTPUT_STRIDE,
-        }
+    def spec(
+        self, long_side: int, train_size: int | None = None, precision: str = "fp32"
+    ) -> ModelSpec:
+        """The model's :class:`ModelSpec`; :func:`model_from_spec` rebuilds it (untrained)."""
+        from hiseg import __version__
+
+        norm = preprocessing(self.encoder)
+        return ModelSpec(
+            arch=self.arch,
+            encoder=self.encoder,
+            decoder=dict(self.decoder),
+            tree=self.tree,
+            mean=norm["mean"],
+            std=norm["std"],
+            output_stride=OUTPUT_STRIDE,
+            long_side=long_side,
+            train_size=train_size,
+            precision=precision,
+            hiseg_version=__version__,
+        )
 
 
 class AddMerge(nn.Module):
@@ -149,39 +161,53 @@ def create_model(
     return SegmentationModel(net, arch_key, smp_name, tree, decoder)
 
 
-def model_from_config(config: dict[str, Any]) -> SegmentationModel:
-    """Rebuild a model from :meth:`SegmentationModel.config`, without pretrained weights."""
-    tree = config["tree"]
-    tree = load_tree(tree) if isinstance(tree, str) else Tree.from_dict(tree, source="config")
-    return create_model(
-        config["arch"], config["encoder"], tree, pretrained=False, decoder=config.get("decoder")
-    )
+def model_from_spec(spec: ModelSpec) -> SegmentationModel:
+    """Rebuild the network a spec describes, without pretrained weights."""
+    return create_model(spec.arch, spec.encoder, spec.tree, pretrained=False, decoder=spec.decoder)
 
 
-def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, dict[str, Any]]:
-    """A trained model (eval mode) and its metadata from a ``hiseg train`` checkpoint.
+def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
+    """A trained model (eval mode) and its spec from a ``hiseg train`` checkpoint.
 
-    The metadata (key ``"hiseg"``) holds the model config, tree, preprocessing and sizes, so no
-    training config is needed.
+    The spec (key ``"hiseg"``: a :class:`ModelSpec` JSON string, or hiseg 0.1's dict) holds the
+    architecture, tree, preprocessing and sizes, so no training config is needed. The file is
+    unpickled with ``weights_only=True``: tensors and plain Python values only, so a checkpoint
+    cannot run code on load. Anything wrong is a :class:`ModelError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise ModelError(f"{path}: no such checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from None
-    if not isinstance(checkpoint, dict) or "hiseg" not in checkpoint:
-        raise ValueError(f"{path}: not a hiseg checkpoint (no 'hiseg' metadata)")
-    meta = checkpoint["hiseg"]
-    model = model_from_config(meta["model"])
-    state = {
-        k.removeprefix("model."): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith("model.")
-    }
-    model.load_state_dict(state)
-    return model.eval(), meta
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"{path}: refused, it holds more than tensors and plain values ({reason})"
+        ) from None
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise ModelError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(checkpoint, dict) or METADATA_KEY not in checkpoint:
+        raise ModelError(f"{path}: not a hiseg checkpoint (no '{METADATA_KEY}' metadata)")
+    stored = checkpoint[METADATA_KEY]
+    if isinstance(stored, str):
+        spec = ModelSpec.from_json(stored, source=str(path))
+    else:
+        spec = ModelSpec.from_dict(stored, source=str(path))
+    weights = checkpoint.get("state_dict")
+    if not isinstance(weights, dict):
+        raise ModelError(f"{path}: no 'state_dict' of weights")
+    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    model = model_from_spec(spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelError(
+            f"{path}: the weights do not fit the model of its spec ({first})"
+        ) from None
+    return model.eval(), spec
 
 
 def preprocessing(encoder: str) -> dict[str, tuple[float, float, float]]:

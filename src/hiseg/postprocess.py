@@ -8,14 +8,22 @@ region counts as a hole only when it does not touch the image border.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 
 from hiseg.taxonomy import Tree
 
+if TYPE_CHECKING:
+    from hiseg.pipeline import Probabilities
 
-def clean_labels(probs: np.ndarray, labels: np.ndarray, tree: Tree, min_pixels: int) -> np.ndarray:
-    """``labels`` with regions under ``min_pixels`` re-decided without their node."""
+
+def clean_labels(
+    probs: np.ndarray | Probabilities, labels: np.ndarray, tree: Tree, min_pixels: int
+) -> np.ndarray:
+    """``labels`` with regions under ``min_pixels`` re-decided without their node; ``probs`` is
+    read only on those regions (``probs[:, mask]``), so lazy probabilities stay cheap."""
     labels = labels.copy()
     h, w = labels.shape
     for level in tree.levels:

@@ -2,16 +2,17 @@
 
 ``hiseg.load(...)`` returns a :class:`Predictor`; ``predictor.predict(image)`` returns a
 :class:`Result` with leaf probabilities at the original size, the top-down decoded leaf labels,
-per-level maps, an overlay and a summary. Several models with the same tree are an ensemble: their
-probabilities are averaged. Test-time augmentation (horizontal flip, several scales) averages
-probabilities too. Two optional refinements reuse the same pass on parts of the image: sliding
-windows at native resolution for images much larger than the model size (``tile``), and a second,
-zoomed-in look at each small person (``zoom``).
+per-level maps, an overlay and a summary; ``predictor.predict_batch(images)`` does the same for
+several images with several images per network call. Every step goes through
+:mod:`hiseg.pipeline`. Several models with the same tree are an ensemble: their probabilities are
+averaged. Test-time augmentation (horizontal flip, several scales) averages probabilities too. Two
+optional refinements reuse the same pass on parts of the image: sliding windows at native
+resolution for images much larger than the model size (``tile``), and a second, zoomed-in look at
+each small person (``zoom``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,24 +24,23 @@ import cv2
 import numpy as np
 
 from hiseg.data import MIN_REGION_PIXELS, person_regions
+from hiseg.errors import HisegError
 from hiseg.images import ImageLike, as_rgb
-from hiseg.inference import letterbox, normalize, softmax, unletterbox
+from hiseg.pipeline import Geometry, Probabilities, prepare, softmax
 from hiseg.postprocess import clean_labels
+from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 from hiseg.taxonomy import Tree
 from hiseg.visualize import overlay_with_legend
-from hiseg.errors import HisegError
 
-#: ONNX metadata key holding the JSON description written by ``hiseg export``.
-METADATA_KEY = "hiseg"
+__all__ = ["METADATA_KEY", "Backend", "ModelError", "Predictor", "Result", "load"]
+
 DEFAULT_MODEL = "pascal-person-part"
 #: Tiling starts when the image's long side exceeds the model size by this factor.
 TILE_FACTOR = 1.5
 #: A zoom-in is skipped unless the crop is seen at least this much larger than in the full pass.
 MIN_ZOOM = 1.5
-
-
-class ModelError(HisegError, ValueError):
-    """A model cannot be found or loaded; the message names it and says why."""
+#: Most images per network call in :meth:`Predictor.predict_batch` (bounds memory).
+BATCH_SIZE = 8
 
 
 # -- backends: (B, 3, H, W) float32 -> (B, leaves, H, W) logits --------------------------------
@@ -48,20 +48,46 @@ class ModelError(HisegError, ValueError):
 
 @dataclass
 class Backend:
-    """One loaded network and what it needs: its tree and input normalisation."""
+    """One loaded network and its :class:`ModelSpec` (tree, input normalisation, sizes)."""
 
     name: str
     run: Callable[[np.ndarray], np.ndarray]
-    tree: Tree
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    long_side: int
-    stride: int = 32
-    meta: dict[str, Any] = field(default_factory=dict)
+    spec: ModelSpec
+
+    @property
+    def tree(self) -> Tree:
+        return self.spec.tree
+
+    @property
+    def long_side(self) -> int:
+        return self.spec.long_side
+
+    @property
+    def stride(self) -> int:
+        return self.spec.output_stride
 
 
 def _threads(threads: int | None) -> int:
     return threads or os.cpu_count() or 1
+
+
+def _checked_run(
+    name: str, spec: ModelSpec, run: Callable[[np.ndarray], np.ndarray]
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``run``, refusing an output that does not fit the spec (one channel per leaf, the input's
+    batch and size) with a ModelError instead of a reshape crash later on."""
+
+    def checked(x: np.ndarray) -> np.ndarray:
+        out = run(x)
+        want = (x.shape[0], spec.num_leaves, *x.shape[2:])
+        if out.shape != want:
+            raise ModelError(
+                f"{name}: the network returned shape {tuple(out.shape)} for input "
+                f"{tuple(x.shape)}; its spec's tree '{spec.tree.name}' needs {want}"
+            )
+        return out
+
+    return checked
 
 
 def onnx_backend(path: Path, threads: int | None = None) -> Backend:
@@ -80,22 +106,20 @@ def onnx_backend(path: Path, threads: int | None = None) -> Backend:
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if raw is None:
         raise ModelError(f"{path}: no '{METADATA_KEY}' metadata; export it with `hiseg export`")
-    meta = json.loads(raw)
+    spec = ModelSpec.from_json(raw, source=str(path))
+    output = session.get_outputs()[0]
+    channels = output.shape[1] if len(output.shape) == 4 else None
+    if len(output.shape) != 4 or (isinstance(channels, int) and channels != spec.num_leaves):
+        raise ModelError(
+            f"{path}: the network's output '{output.name}' has shape {output.shape}; the tree "
+            f"'{spec.tree.name}' of its metadata needs (batch, {spec.num_leaves}, height, width)"
+        )
     input_name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(None, {input_name: x})[0]
 
-    return Backend(
-        name=str(path),
-        run=run,
-        tree=Tree.from_dict(meta["model"]["tree"], source=str(path)),
-        mean=tuple(meta["model"]["mean"]),
-        std=tuple(meta["model"]["std"]),
-        long_side=int(meta["long_side"]),
-        stride=int(meta["model"].get("output_stride", 32)),
-        meta=meta,
-    )
+    return Backend(str(path), _checked_run(str(path), spec, run), spec)
 
 
 def torch_backend(path: Path, threads: int | None = None) -> Backend:
@@ -108,31 +132,13 @@ def torch_backend(path: Path, threads: int | None = None) -> Backend:
         raise ModelError(msg) from None
     if threads:
         torch.set_num_threads(threads)
-    try:
-        model, meta = load_checkpoint(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"{path}: {err}") from None
+    model, spec = load_checkpoint(path)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(x)).float().numpy()
 
-    config = meta["model"]
-    return Backend(
-        name=str(path),
-        run=run,
-        tree=model.tree,
-        mean=tuple(config["mean"]),
-        std=tuple(config["std"]),
-        long_side=int(meta["long_side"]),
-        stride=int(config.get("output_stride", 32)),
-        meta=meta,
-    )
-
-
-def model_default(backend: Backend, key: str, fallback: Any) -> Any:
-    """A setting the model was exported with (``hiseg export --clean``), else ``fallback``."""
-    return backend.meta.get("defaults", {}).get(key, fallback)
+    return Backend(str(path), _checked_run(str(path), spec, run), spec)
 
 
 def bundled_models() -> list[str]:
@@ -171,13 +177,20 @@ def load_backend(name_or_path: str | Path | None, backend: str = "auto", threads
 
 @dataclass
 class Result:
-    """One image's prediction. ``labels`` holds leaf values at the input's size."""
+    """One image's prediction. ``labels`` holds leaf values at the input's size; ``probs`` the
+    (leaves, H, W) leaf probabilities (channel i = ``tree.leaves[i]``), made on first use."""
 
     image: np.ndarray
-    probs: np.ndarray  # (leaves, H, W) leaf probabilities, channel i = tree.leaves[i]
     labels: np.ndarray  # (H, W) uint8 leaf values
     tree: Tree
     path: Path | None = None
+    probabilities: Probabilities | None = field(default=None, repr=False)
+
+    @property
+    def probs(self) -> np.ndarray:
+        if self.probabilities is None:
+            raise ValueError("this result was made without probabilities")
+        return self.probabilities.full()
 
     def level(self, k: int) -> np.ndarray:
         """(H, W) uint8 index of each pixel's level-``k`` node (``tree.level(k).names``)."""
@@ -232,6 +245,7 @@ class Predictor:
         zoom_max_share: float = 0.05,
         zoom_weight: float = 0.5,
         clean: int | None = None,
+        batch_size: int = BATCH_SIZE,
     ):
         if not backends:
             raise ModelError("no model given")
@@ -251,33 +265,79 @@ class Predictor:
         self.zoom_max_share = zoom_max_share
         self.zoom_weight = zoom_weight
         # min region size in pixels for hiseg.postprocess; 0 = off; None = the model's default
-        self.clean = model_default(backends[0], "clean", 0) if clean is None else clean
+        self.clean = backends[0].spec.default_clean if clean is None else clean
+        self.batch_size = max(1, batch_size)
+
+    # -- probabilities ----------------------------------------------------------------------
 
     def leaf_probs(self, image: np.ndarray) -> np.ndarray:
         """(leaves, H, W) probabilities at the image's size: the full pass, averaged with the
         sliding windows when tiling applies, then refined on small people when zooming."""
-        probs = self.pass_probs(image)
-        if self.tile and max(image.shape[:2]) > TILE_FACTOR * self.long_side:
+        return self._refined(image, self.pass_probs(image))
+
+    def _refined(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        if self._tiles(image):
             probs = (probs + self.tiled_probs(image)) / 2
         if self.zoom:
             probs = self.zoomed_probs(image, probs)
         return probs
 
+    def _tiles(self, image: np.ndarray) -> bool:
+        return self.tile and max(image.shape[:2]) > TILE_FACTOR * self.long_side
+
     def pass_probs(self, image: np.ndarray) -> np.ndarray:
         """One look at an image or crop, averaged over models and TTA, at the input's size."""
-        looks = []
+        return _full(self._looks([image])[0])
+
+    def _looks(self, images: Sequence[np.ndarray]) -> list[list[Probabilities]]:
+        """Each image's looks, one per size it was seen at (models and flips averaged at
+        network resolution, exact since restoring is linear). Images fitted to the same network
+        shape share network calls, at most ``batch_size`` (doubled by ``flip``) per call; any
+        image gets exactly the same network input whatever its batch, so batched results equal
+        one-at-a-time ones."""
+        sums: list[dict[tuple[int, Geometry], np.ndarray]] = [{} for _ in images]
+        counts: list[dict[tuple[int, Geometry], int]] = [{} for _ in images]
         for backend in self.backends:
-            for scale in self.scales:
-                fitted, box = letterbox(image, round(self.long_side * scale), backend.stride)
-                x = normalize(fitted, backend.mean, backend.std)[None]
-                if self.flip:
-                    x = np.concatenate([x, x[..., ::-1]])
-                probs = softmax(backend.run(np.ascontiguousarray(x)), axis=1)
-                if self.flip:
-                    probs = np.stack([probs[0], probs[1][..., ::-1]])
-                looks.extend(unletterbox(p, box) for p in probs)
-        # one look (the default) is returned as is: no extra full-size passes to average it
-        return looks[0] if len(looks) == 1 else np.mean(looks, axis=0, dtype=np.float32)
+            for s, scale in enumerate(self.scales):
+                side = max(1, round(self.long_side * scale))
+                inputs = [prepare(image, backend.spec, side) for image in images]
+                groups: dict[tuple[int, ...], list[int]] = {}
+                for i, (x, _) in enumerate(inputs):
+                    groups.setdefault(x.shape, []).append(i)
+                for members in groups.values():
+                    for start in range(0, len(members), self.batch_size):
+                        chunk = members[start : start + self.batch_size]
+                        probs = self._run(backend, np.stack([inputs[i][0] for i in chunk]))
+                        for i, p in zip(chunk, probs, strict=True):
+                            geometry = inputs[i][1]
+                            rh, rw = geometry.resized_hw
+                            key = (s, Geometry(geometry.original_hw, (rh, rw), (rh, rw)))
+                            if key in sums[i]:
+                                sums[i][key] += p[:, :rh, :rw]
+                                counts[i][key] += 1
+                            else:
+                                sums[i][key] = np.ascontiguousarray(p[:, :rh, :rw])
+                                counts[i][key] = 1
+        looks = []
+        for image_sums, image_counts in zip(sums, counts, strict=True):
+            for key, n in image_counts.items():
+                if n > 1:
+                    image_sums[key] /= n
+            looks.append([Probabilities.from_network(p, g) for (_, g), p in image_sums.items()])
+        return looks
+
+    def _run(self, backend: Backend, x: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) -> (B, leaves, H, W) probabilities, flip TTA averaged in."""
+        if not self.flip:
+            return softmax(backend.run(x), axis=1)
+        probs = softmax(
+            backend.run(np.ascontiguousarray(np.concatenate([x, x[..., ::-1]]))), axis=1
+        )
+        n = len(x)
+        out = probs[:n]
+        out += probs[n:, ..., ::-1]
+        out /= 2
+        return out
 
     def tiled_probs(self, image: np.ndarray) -> np.ndarray:
         """Half-overlapping model-size windows at native resolution, blended with weights that
@@ -321,16 +381,49 @@ class Predictor:
         out[:, zoomed] = (1 - self.zoom_weight) * probs[:, zoomed] + self.zoom_weight * refined
         return out
 
-    def predict(self, image: ImageLike) -> Result:
-        image, path = as_rgb(image)
-        probs = self.leaf_probs(image)
-        labels = self.tree.decode(probs)
-        if self.clean:
-            labels = clean_labels(probs, labels, self.tree, self.clean)
-        return Result(image, probs, labels, self.tree, path)
+    # -- predictions ------------------------------------------------------------------------
 
-    def predict_batch(self, images: Sequence[np.ndarray | str | Path]) -> list[Result]:
-        return [self.predict(image) for image in images]
+    def predict(self, image: ImageLike) -> Result:
+        """One image: an RGB uint8 array, a PIL image or a path (see :func:`hiseg.images.as_rgb`
+        for the other arrays accepted); a bad one raises its :class:`HisegError`."""
+        image, path = as_rgb(image)
+        return self._predict([image], [path])[0]
+
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[Result | HisegError]:
+        """Several images, ``batch_size`` per network call, each result equal to ``predict``'s.
+
+        Returns one item per input, in order: its :class:`Result`, or the :class:`HisegError`
+        that stopped it (an unreadable or missing file, an invalid array), so one bad input
+        never loses the others. Check with ``isinstance(item, Result)``.
+        """
+        out: list[Result | HisegError] = []
+        for start in range(0, len(images), self.batch_size):
+            read: list[tuple[np.ndarray, Path | None] | HisegError] = []
+            for item in images[start : start + self.batch_size]:
+                try:
+                    read.append(as_rgb(item))
+                except HisegError as err:
+                    read.append(err)
+            good = [r for r in read if not isinstance(r, HisegError)]
+            done = iter(self._predict([image for image, _ in good], [path for _, path in good]))
+            out.extend(r if isinstance(r, HisegError) else next(done) for r in read)
+        return out
+
+    def _predict(self, images: Sequence[np.ndarray], paths: Sequence[Path | None]) -> list[Result]:
+        """RGB uint8 images -> results. One look (no multi-scale, tiling or zoom) is decoded
+        from the network-resolution probabilities (:meth:`Probabilities.decode`, exact);
+        otherwise the refinements work on full-size probabilities."""
+        results = []
+        for image, path, looks in zip(images, paths, self._looks(images), strict=True):
+            if len(looks) == 1 and not self.zoom and not self._tiles(image):
+                probs = looks[0]
+            else:
+                probs = Probabilities.from_full(self._refined(image, _full(looks)))
+            labels = probs.decode(self.tree)
+            if self.clean:
+                labels = clean_labels(probs, labels, self.tree, self.clean)
+            results.append(Result(image, labels, self.tree, path, probs))
+        return results
 
 
 def load(
@@ -351,6 +444,13 @@ def load(
     return Predictor(
         backends, long_side=long_side, flip=flip, scales=scales, tile=tile, zoom=zoom, clean=clean
     )
+
+
+def _full(looks: Sequence[Probabilities]) -> np.ndarray:
+    """The mean of an image's looks at its size; one look (the default) is returned as is."""
+    if len(looks) == 1:
+        return looks[0].full()
+    return np.mean([look.full() for look in looks], axis=0, dtype=np.float32)
 
 
 def _window_starts(length: int, size: int) -> list[int]:

@@ -1,0 +1,198 @@
+"""The one prediction pipeline, in NumPy so the ONNX path never imports torch.
+
+Every consumer (``hiseg predict``, ``hiseg eval``, training-time validation, export checks and
+``hiseg bench``) goes through these steps, so they all measure what a user gets:
+
+- :func:`prepare`: the image is resized so its long side is the model size (aspect ratio kept),
+  padded bottom/right to the network stride, and normalised -> ``(3, H, W)`` and its
+  :class:`Geometry`;
+- the network runs on a batch of such inputs (``(B, 3, H, W)`` -> ``(B, leaves, H, W)`` logits);
+- :func:`restore`: softmax, the resized area cropped out of the padding, probabilities upsampled
+  bilinearly to the image's size (labels are never resized nearest-neighbour);
+- :func:`decode`: top-down through the class tree (:meth:`Tree.decode`).
+
+:class:`Probabilities` does restore + decode exactly but cheaply: the decision at each level is an
+argmax of linear functions of the leaf probabilities, and a bilinear pixel's probabilities are a
+convex combination of its 2x2 source pixels', so where those four decode to the same leaf the
+pixel does too. It decodes at network resolution and interpolates probabilities only on the pixels
+whose sources disagree (the borders between regions); full-size maps are made only on request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from hiseg.spec import ModelSpec
+    from hiseg.taxonomy import Tree
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image was fitted to the network, so the output can be mapped back."""
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    padded_hw: tuple[int, int]
+
+
+def letterbox(image: np.ndarray, long_side: int, stride: int = 32) -> tuple[np.ndarray, Geometry]:
+    """Resize ``image`` (H, W, C) so its long side is ``long_side``; zero-pad to the stride."""
+    h, w = image.shape[:2]
+    scale = long_side / max(h, w)
+    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (rh, rw) != (h, w):
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        image = cv2.resize(image, (rw, rh), interpolation=interp)
+    ph, pw = -(-rh // stride) * stride, -(-rw // stride) * stride
+    if (ph, pw) != (rh, rw):
+        image = cv2.copyMakeBorder(image, 0, ph - rh, 0, pw - rw, cv2.BORDER_CONSTANT, value=0)
+    return image, Geometry((h, w), (rh, rw), (ph, pw))
+
+
+def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32, normalised with mean/std in [0, 1] units."""
+    # (v / 255 - mean) / std as one multiply-add per pixel, on the channels-first copy.
+    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+    offset = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    x = image.transpose(2, 0, 1).astype(np.float32, order="C")
+    x *= scale[:, None, None]
+    x += offset[:, None, None]
+    return x
+
+
+def prepare(
+    image: np.ndarray, spec: ModelSpec, long_side: int | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """(H, W, 3) uint8 RGB -> the network input (3, H', W') float32 and how it was fitted;
+    ``long_side`` defaults to the model's inference size."""
+    fitted, geometry = letterbox(image, long_side or spec.long_side, spec.output_stride)
+    return normalize(fitted, spec.mean, spec.std), geometry
+
+
+def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
+
+
+def restore(logits: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(leaves, padded H, padded W) logits -> (leaves, H, W) probabilities at the image's size."""
+    return Probabilities.from_network(softmax(logits), geometry).full()
+
+
+def decode(probs: np.ndarray, tree: Tree) -> np.ndarray:
+    """(leaves, H, W) probabilities -> (H, W) leaf values, top-down through ``tree``."""
+    return tree.decode(probs)
+
+
+class Probabilities:
+    """Leaf probabilities at an image's size, kept at network resolution until asked for.
+
+    Made from the network's probabilities (:meth:`from_network`) or from a full-size map
+    (:meth:`from_full`). ``probs[:, mask]`` (as :func:`hiseg.postprocess.clean_labels` reads them)
+    interpolates only the masked pixels; :meth:`full` makes the whole map once.
+    """
+
+    def __init__(self, small: np.ndarray | None, geometry: Geometry | None, full=None):
+        self._small, self._geometry, self._full = small, geometry, full
+
+    @classmethod
+    def from_network(cls, probs: np.ndarray, geometry: Geometry) -> Probabilities:
+        """``probs``: (leaves, >= resized H, >= resized W) softmax output; padding is dropped."""
+        rh, rw = geometry.resized_hw
+        small = np.ascontiguousarray(probs[:, :rh, :rw])
+        full = small if geometry.resized_hw == geometry.original_hw else None
+        return cls(small, geometry, full)
+
+    @classmethod
+    def from_full(cls, probs: np.ndarray) -> Probabilities:
+        return cls(None, None, probs)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._full is not None:
+            return self._full.shape
+        assert self._small is not None and self._geometry is not None
+        return (self._small.shape[0], *self._geometry.original_hw)
+
+    def full(self) -> np.ndarray:
+        """(leaves, H, W) float32 at the image's size (bilinear, as ``cv2.resize``)."""
+        if self._full is None:
+            assert self._small is not None and self._geometry is not None
+            oh, ow = self._geometry.original_hw
+            hwc = cv2.resize(
+                self._small.transpose(1, 2, 0), (ow, oh), interpolation=cv2.INTER_LINEAR
+            )
+            self._full = hwc.reshape(oh, ow, -1).transpose(2, 0, 1)
+        return self._full
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        full = self.full()
+        return full if dtype is None else full.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if (
+            self._full is None
+            and isinstance(key, tuple)
+            and len(key) == 2
+            and key[0] == slice(None)
+            and isinstance(key[1], np.ndarray)
+            and key[1].dtype == bool
+        ):
+            return self.at(key[1])
+        return self.full()[key]
+
+    def at(self, mask: np.ndarray) -> np.ndarray:
+        """(leaves, N) probabilities of the N pixels where ``mask`` (H, W) is set."""
+        if self._full is not None:
+            return self._full[:, mask]
+        ys, xs = np.nonzero(mask)
+        return self._interpolate(ys, xs)
+
+    def decode(self, tree: Tree) -> np.ndarray:
+        """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc)."""
+        if self._full is not None:
+            return tree.decode(self._full)
+        assert self._small is not None and self._geometry is not None
+        small_labels = tree.decode(self._small)
+        (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
+        y0, y1, _ = _taps(oh, rh)
+        x0, x1, _ = _taps(ow, rw)
+        top, bottom = small_labels[y0], small_labels[y1]
+        labels = top[:, x0]
+        mixed = labels != top[:, x1]
+        mixed |= labels != bottom[:, x0]
+        mixed |= labels != bottom[:, x1]
+        ys, xs = np.nonzero(mixed)
+        if len(ys):
+            labels[ys, xs] = tree.decode(self._interpolate(ys, xs)[:, :, None])[:, 0]
+        return labels
+
+    def _interpolate(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Bilinear probabilities (as ``cv2.resize`` makes them) at output pixels (ys, xs)."""
+        assert self._small is not None and self._geometry is not None
+        (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
+        y0, y1, wy = (t[ys] for t in _taps(oh, rh))
+        x0, x1, wx = (t[xs] for t in _taps(ow, rw))
+        p = self._small
+        top = p[:, y0, x0] * (1 - wx) + p[:, y0, x1] * wx
+        bottom = p[:, y1, x0] * (1 - wx) + p[:, y1, x1] * wx
+        return top * (1 - wy) + bottom * wy
+
+
+def _taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear sources along one axis as ``cv2.resize`` (INTER_LINEAR) takes them: for each
+    output index, the two input indices and the weight of the second."""
+    f = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    i0 = np.floor(f).astype(np.intp)
+    w = (f - i0).astype(np.float32)
+    w[i0 < 0], i0[i0 < 0] = 0, 0
+    last = i0 >= in_size - 1
+    w[last], i0[last] = 0, in_size - 1
+    return i0, np.minimum(i0 + 1, in_size - 1), w

@@ -1,0 +1,273 @@
+"""The prediction pipeline against fake networks whose output is known exactly (pure NumPy).
+
+``affine`` is a network whose probabilities are an affine function of each input pixel's colour,
+so on a ramp image (red grows down, green grows right) they are a known function of the pixel's
+coordinates, which every resize, pad, crop and bilinear restore must reproduce: a misplaced,
+stretched, mirrored or nearest-neighbour step shows as an error far above the tolerance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from hiseg.errors import HisegError
+from hiseg.images import ImageReadError
+from hiseg.pipeline import Geometry, Probabilities, letterbox, prepare, restore, softmax
+from hiseg.predictor import Backend, Predictor, Result
+from hiseg.spec import ModelSpec
+from hiseg.taxonomy import load_tree
+
+TREE = load_tree("pascal-person-part")  # 7 leaves, values 0..6 in channel order
+BASE = np.array([0.3, 0.1, 0.15, 0.1, 0.15, 0.1, 0.1], np.float32)
+#: (leaf, colour) slopes; columns sum to 0 and |slope| / 2 <= BASE, so probabilities stay > 0.
+SLOPE = np.zeros((7, 3), np.float32)
+SLOPE[[0, 2, 4], 0] = [0.5, -0.25, -0.25]
+SLOPE[[1, 3], 1] = [0.18, -0.18]
+SLOPE[[5, 6], 2] = [0.18, -0.18]
+
+
+def spec(long_side: int = 24, stride: int = 8) -> ModelSpec:
+    """Inputs in [0, 1] (mean 0, std 1)."""
+    return ModelSpec(
+        arch="fake",
+        encoder="fake",
+        tree=TREE,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        long_side=long_side,
+        output_stride=stride,
+    )
+
+
+def true_probs(image: np.ndarray) -> np.ndarray:
+    """What ``affine`` gives for each pixel of ``image`` (H, W, 3) uint8: (7, H, W)."""
+    x = image.astype(np.float32).transpose(2, 0, 1) / 255 - 0.5
+    return BASE[:, None, None] + np.einsum("lc,chw->lhw", SLOPE, x)
+
+
+def affine(x: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> logits whose softmax is BASE + SLOPE @ (x - 0.5)."""
+    return np.log(BASE[None, :, None, None] + np.einsum("lc,bchw->blhw", SLOPE, x - 0.5))
+
+
+def ramp(h: int, w: int) -> np.ndarray:
+    """Red grows down, green grows right, blue is a smooth wave: each pixel's colour is a
+    (nearly) linear function of its coordinates."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    red, green = 255 * y / (h - 1), 255 * x / (w - 1)
+    blue = 127.5 + 60 * np.sin(x / w * 2 + y / h)
+    return np.stack([red, green, blue], -1).round().astype(np.uint8)
+
+
+def predictor(run=affine, long_side: int = 24, stride: int = 8, **options) -> Predictor:
+    return Predictor([Backend("fake", run, spec(long_side, stride))], **options)
+
+
+def interior(a: np.ndarray, margin: int) -> np.ndarray:
+    return a[..., margin:-margin, margin:-margin]
+
+
+# -- round trip -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hw", [(61, 47), (47, 61), (97, 33), (33, 97), (17, 13), (13, 17)])
+def test_round_trip_restores_the_image_coordinates(hw):
+    """Odd sizes, both orientations, shrunk and enlarged: each pixel's probabilities are its own
+    colour's (bilinear resizes reproduce a ramp away from the border)."""
+    image = ramp(*hw)
+    result = predictor().predict(image)
+    assert result.labels.shape == hw and result.probs.shape == (7, *hw)
+    margin = int(np.ceil(max(hw) / 24)) + 1  # one network pixel and a bit
+    error = np.abs(interior(result.probs - true_probs(image), margin))
+    assert error.max() < 2e-3, error.max()
+    want = TREE.decode(true_probs(image))
+    assert (result.labels == want).mean() > 0.97
+
+
+def test_geometry_of_the_network_input():
+    x, geometry = prepare(ramp(61, 47), spec(24, 8))
+    assert geometry == Geometry((61, 47), (24, 18), (24, 24))
+    assert x.shape == (3, 24, 24) and x.dtype == np.float32
+    assert (x[:, :, 18:] == 0).all()  # padding right only, black (mean 0)
+    assert (x[:, :, :18] > 0).any(axis=0).all()
+
+
+def test_restore_is_bilinear_from_the_resized_area():
+    """``restore`` drops the padding and upsamples bilinearly (what ``cv2.resize`` does)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(7, 24, 24)).astype(np.float32)
+    geometry = Geometry((61, 47), (24, 18), (24, 24))
+    probs = softmax(logits.copy())[:, :24, :18]
+    want = cv2.resize(probs.transpose(1, 2, 0), (47, 61), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(restore(logits, geometry), want.transpose(2, 0, 1), atol=1e-6)
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+
+def likeliest_at_every_level(probs: np.ndarray, labels: np.ndarray) -> None:
+    """At each level a pixel's node is the likeliest child of its node one level up (the
+    likeliest node at level 0): node probabilities are sums of their leaves'."""
+    flat = probs.reshape(len(probs), -1)
+    for k, level in enumerate(TREE.levels):
+        nodes = flat.T @ TREE.membership(k)  # (pixels, nodes)
+        chosen = level.lut[labels.ravel()]
+        if k:
+            allowed = (
+                TREE._parent_index(k)[None, :] == TREE.levels[k - 1].lut[labels.ravel()][:, None]
+            )
+            nodes = np.where(allowed, nodes, -1)
+        assert (chosen == nodes.argmax(1)).all(), f"level {k}"
+
+
+def test_decoding_picks_the_likeliest_node_at_every_level():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(7) * 0.7, size=(40, 30)).transpose(2, 0, 1).astype(np.float32)
+    likeliest_at_every_level(probs, TREE.decode(probs))
+
+
+@pytest.mark.parametrize("hw", [(61, 47), (9, 7), (24, 18)])
+def test_fast_decoding_equals_decoding_the_full_map(hw):
+    """:class:`Probabilities` decodes at network resolution and interpolates only where the four
+    sources disagree; the labels are those of the full bilinear map."""
+    rng = np.random.default_rng(2)
+    small = rng.dirichlet(np.ones(7) * 0.5, size=(24, 18)).transpose(2, 0, 1).astype(np.float32)
+    small = cv2.GaussianBlur(small.transpose(1, 2, 0), (3, 3), 0).transpose(2, 0, 1)
+    lazy = Probabilities.from_network(small, Geometry(hw, (24, 18), (24, 24)))
+    labels = lazy.decode(TREE)
+    full = lazy.full()
+    assert full.shape == (7, *hw)
+    assert (labels == TREE.decode(full)).mean() > 0.9995
+    mask = rng.random(hw) < 0.2
+    np.testing.assert_allclose(lazy[:, mask], full[:, mask], atol=1e-6)
+
+
+# -- test-time augmentation ------------------------------------------------------------------
+
+
+def positional(x: np.ndarray) -> np.ndarray:
+    """Not mirror-symmetric: the logits depend on the column and on the colour."""
+    w = x.shape[3]
+    column = np.linspace(-3, 3, w, dtype=np.float32)
+    out = np.log(BASE[None, :, None, None] + np.einsum("lc,bchw->blhw", SLOPE, x - 0.5))
+    out[:, 1] += column
+    out[:, 3] -= column**2
+    return out
+
+
+@pytest.mark.parametrize("hw", [(24, 16), (36, 24)])  # as is, and shrunk; no padding needed
+def test_flip_tta_makes_any_network_mirror_equivariant(hw):
+    """Averaging f(I) with the mirrored-back f(mirror(I)) commutes with mirroring."""
+    image = np.random.default_rng(3).integers(0, 256, (*hw, 3), np.uint8)
+    flip = predictor(positional, flip=True)
+    plain = predictor(positional).predict(image).probs
+    probs = flip.predict(image).probs
+    mirrored = flip.predict(image[:, ::-1]).probs
+    np.testing.assert_allclose(mirrored, probs[..., ::-1], atol=1e-5)
+    assert not np.allclose(plain, probs, atol=1e-2)  # the flip did something
+
+
+def test_scales_each_map_back_to_the_image():
+    seen = []
+
+    def recording(x):
+        seen.append(x.shape[2:])
+        return affine(x)
+
+    image = ramp(61, 47)
+    result = predictor(recording, scales=(0.75, 1.0, 1.5), flip=True).predict(image)
+    assert sorted(max(s) for s in seen) == [24, 24, 40]  # 18 -> padded 24, 24, 36 -> 40
+    error = np.abs(interior(result.probs - true_probs(image), 4))
+    assert error.max() < 2e-3, error.max()
+
+
+# -- tiling and zoom -------------------------------------------------------------------------
+
+
+def test_tiling_equals_no_tiling_for_a_translation_equivariant_network():
+    """Windows at native resolution, blended: for a per-pixel network exactly the one pass at
+    native resolution, whatever the image content."""
+    image = np.random.default_rng(4).integers(0, 256, (70, 53, 3), np.uint8)
+    tiled = predictor(long_side=24, tile=True)
+    whole = predictor(long_side=70).pass_probs(image)  # its own size: no resize
+    np.testing.assert_allclose(tiled.tiled_probs(image), whole, atol=1e-5)
+    np.testing.assert_allclose(whole, true_probs(image), atol=1e-5)
+    blended = tiled.leaf_probs(image)  # the global pass averaged in
+    np.testing.assert_allclose(blended, (tiled.pass_probs(image) + whole) / 2, atol=1e-5)
+
+
+def test_zoom_sees_a_small_person_sharper_and_leaves_the_rest():
+    """A small dark-red blob is "body" (background probability falls with red); the zoomed-in
+    pass sees it at higher resolution, so its probabilities move toward the true ones, and
+    nothing outside the crop changes."""
+    h, w = 160, 120
+    image = np.full((h, w, 3), 230, np.uint8)
+    y, x = np.mgrid[0:h, 0:w]
+    blob = np.exp(-((y - 100) ** 2 + (x - 40) ** 2) / (2 * 5.0**2))
+    image[..., 0] = (230 * (1 - blob)).round().astype(np.uint8)
+    zoom = predictor(long_side=32, zoom=True, zoom_threshold=0.6, zoom_weight=1.0)
+    full = zoom.pass_probs(image)
+    out = zoom.zoomed_probs(image, full)
+    changed = np.abs(out - full).max(0) > 1e-6
+    ys, xs = np.nonzero(changed)
+    assert ys.min() >= 85 and ys.max() <= 115 and xs.min() >= 25 and xs.max() <= 55
+    crop = np.s_[:, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    truth = true_probs(image)
+    assert np.abs(out[crop] - truth[crop]).mean() < 0.25 * np.abs(full[crop] - truth[crop]).mean()
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+def global_context(x: np.ndarray) -> np.ndarray:
+    """Each image's logits depend on its own mean colour too: a batch that mixed images, or
+    padded one more than alone, would change them."""
+    out = affine(x)
+    return out + x.mean(axis=(1, 2, 3))[:, None, None, None] * np.arange(7)[None, :, None, None]
+
+
+def test_batch_equals_one_at_a_time_and_reports_bad_items(tmp_path):
+    rng = np.random.default_rng(5)
+    images = [ramp(61, 47), rng.integers(0, 256, (47, 61, 3), np.uint8), ramp(60, 45)]
+    images.append(images[0][::-1].copy())
+    calls = []
+
+    def counting(x):
+        calls.append(len(x))
+        return global_context(x)
+
+    model = predictor(counting, batch_size=3, flip=True)
+    alone = [model.predict(image) for image in images]
+    calls.clear()
+    items = [images[0], tmp_path / "missing.png", images[1], np.zeros((0, 4, 3), np.uint8)]
+    items += images[2:]
+    batch = model.predict_batch(items)
+    assert len(calls) < 4 + 4  # several images per call (flip doubles each call)
+    assert isinstance(batch[1], ImageReadError) and "missing.png" in str(batch[1])
+    assert isinstance(batch[3], HisegError) and not isinstance(batch[3], Result)
+    good = [batch[0], batch[2], batch[4], batch[5]]
+    for one, many in zip(alone, good, strict=True):
+        assert isinstance(many, Result)
+        np.testing.assert_array_equal(one.labels, many.labels)
+        np.testing.assert_allclose(one.probs, many.probs, atol=1e-6)
+
+
+def test_letterbox_keeps_the_aspect_ratio():
+    fitted, geometry = letterbox(ramp(61, 47), 24, 8)
+    assert geometry.resized_hw == (24, 18) and fitted.shape == (24, 24, 3)
+    assert (fitted[:, 18:] == 0).all()
+
+
+def test_prediction_modules_never_import_torch():
+    code = (
+        "import sys\n"
+        "import hiseg.pipeline, hiseg.predictor, hiseg.spec\n"
+        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
