@@ -494,8 +494,9 @@ def predict_command(
 ) -> None:
     """Segment images, folders, videos or a webcam; results are saved under --out.
 
-    Ctrl-C (or SIGTERM) stops after the current input: finished results (and a webcam's video
-    so far) are kept, summary.json lists them, and the exit code is 128 + the signal number.
+    Ctrl-C (or SIGTERM) stops after the current input (a second one at once): finished results
+    (and a webcam's video so far) are kept, summary.json lists them, and the exit code is 128 +
+    the signal number.
     """
     from hiseg.runner import Saver, expand_sources, run, stop_on_signals
 
@@ -509,8 +510,8 @@ def predict_command(
     saver = Saver(out, levels=levels, summary=summary)
     predictor = load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean)
     sources = found.sources
-    with stop_on_signals(), progress_bar(len(sources), "segmenting") as advance:
-        report = run(predictor, sources, saver, max_frames, on_image=lambda: advance(1))
+    with stop_on_signals() as stop, progress_bar(len(sources), "segmenting") as advance:
+        report = run(predictor, sources, saver, max_frames, lambda: advance(1), stop=stop)
         n_ok = report.done - len(report.failed)
         report.failed[:0] = found.failed
         summary_path = saver.write_summary(report, len(sources))

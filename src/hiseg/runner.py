@@ -44,11 +44,19 @@ class OutputError(HisegError):
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived: the run stops after cleaning up and saying what it did."""
+    """A second SIGINT or SIGTERM: stop at once (files being written are removed)."""
 
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+@dataclass
+class StopRequest:
+    """Set by the first signal under :func:`stop_on_signals`. The runner looks at it between
+    inputs and between video frames, so stopping never cuts a file short."""
+
+    signum: int | None = None
 
 
 @dataclass
@@ -270,18 +278,18 @@ class Saver:
         source: Source,
         max_frames: int | None = None,
         progress: Callable[[int, int], None] | None = None,
-    ) -> tuple[Path, KeyboardInterrupt | None]:
-        """``<stem>_overlay.mp4`` and the signal that stopped it early, if any (its frames are
-        kept)."""
+        stop: StopRequest | None = None,
+    ) -> Path:
+        """``<stem>_overlay.mp4``; a stop request ends it early with the frames done kept."""
         (path,) = self.claim(source.stem, lambda s: [f"{s}_overlay.mp4"])
         try:
-            stop = publish(
-                path, lambda tmp: segment_video(predictor, source, tmp, max_frames, progress)
+            publish(
+                path, lambda tmp: segment_video(predictor, source, tmp, max_frames, progress, stop)
             )
         except BaseException:
             _unlink([path])
             raise
-        return path, stop
+        return path
 
     def write_summary(self, report: RunReport, inputs: int) -> Path | None:
         """``summary.json``: every finished image, every failure, and whether the run stopped."""
@@ -321,21 +329,23 @@ def _unlink(paths: list[Path]) -> None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`Stopped` (once: later ones are ignored while the run
-    cleans up and reports); the previous handlers come back afterwards. Main thread only."""
+def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGINT and SIGTERM ask the run to stop after the current input or video frame; a second
+    one stops at once (:class:`Stopped`). The previous handlers come back afterwards. Main
+    thread only."""
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in handled}
+    request = StopRequest()
 
     def stop(signum: int, frame: Any) -> None:
-        for s in handled:
-            signal.signal(s, signal.SIG_IGN)
-        raise Stopped(signum)
+        if request.signum is not None:
+            raise Stopped(signum)
+        request.signum = signum
 
     for s in handled:
         signal.signal(s, stop)
     try:
-        yield
+        yield request
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -368,13 +378,13 @@ def segment_video(
     out: Path,
     max_frames: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> KeyboardInterrupt | None:
-    """Annotated video (overlay with legend) written frame by frame to ``out``. A signal stops it
-    early, keeping the frames done (the usual way to end a webcam): returns that signal."""
+    stop: StopRequest | None = None,
+) -> None:
+    """Annotated video (overlay with legend) written frame by frame to ``out``. A stop request
+    ends it after the current frame, keeping the frames done (the usual end of a webcam)."""
     stream, fps, count = frames(source)
     writer = None
     n = 0
-    stopped = None
     try:
         for frame in stream:
             picture = cv2.cvtColor(predictor.predict(frame).overlay(), cv2.COLOR_RGB2BGR)
@@ -386,18 +396,13 @@ def segment_video(
             n += 1
             if progress:
                 progress(n, count)
-            if max_frames and n >= max_frames:
+            if (max_frames and n >= max_frames) or (stop and stop.signum):
                 break
-    except KeyboardInterrupt as stop:
-        if n == 0:
-            raise
-        stopped = stop
     finally:
         if writer is not None:
             writer.release()
     if n == 0:
         raise ImageReadError(str(source), "no frames could be read")
-    return stopped
 
 
 def run(
@@ -407,12 +412,17 @@ def run(
     max_frames: int | None = None,
     on_image: Callable[[], None] | None = None,
     on_frame: Callable[[int, int], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> RunReport:
-    """Segment every source, saving as it goes; failures are collected, never fatal. A signal
-    (see :func:`stop_on_signals`) ends the run early with every finished input saved."""
+    """Segment every source, saving as it goes; failures are collected, never fatal. A stop
+    request (see :func:`stop_on_signals`) or a KeyboardInterrupt ends the run early with every
+    finished input saved whole and nothing of the others."""
     report = RunReport()
     try:
         for source in sources:
+            if stop and stop.signum:
+                report.stopped = stop.signum
+                break
             try:
                 if source.kind == "image":
                     result = predictor.predict(source.path)  # type: ignore[arg-type]
@@ -422,11 +432,10 @@ def run(
                         {**result.summary(), "outputs": [p.name for p in paths]}
                     )
                 else:
-                    path, stop = saver.save_video(predictor, source, max_frames, on_frame)
+                    path = saver.save_video(predictor, source, max_frames, on_frame, stop)
                     report.saved.append(path)
-                    if stop:
-                        report.done += 1
-                        raise stop
+                    if stop and stop.signum:  # the video was cut short
+                        report.stopped = stop.signum
             except HisegError as err:
                 reason = err.reason if isinstance(err, ImageReadError) else str(err)
                 report.failed.append((str(source), reason))

@@ -1,0 +1,313 @@
+"""`hiseg predict / eval / bench` against bad options, bad output locations, bad inputs,
+concurrent runs and signals, on the bundled `person` model (ONNX, no torch, no data needed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_images import png
+from typer.testing import CliRunner
+
+from hiseg.cli import app
+
+FAST = ["-m", "person", "--long-side", "64", "--threads", "1"]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def photo(path: Path, size=(24, 32), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), np.uint8)).save(path)
+    return path
+
+
+def one_error_line(result, text: str) -> str:
+    """The result is exit 2 with one line, ``error: ...`` holding ``text``, and no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert text in lines[0], result.output
+    return lines[0]
+
+
+# -- bounds -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--threads", "0"], "--threads must be at least 1, not 0"),
+        (["--threads", "-3"], "--threads must be at least 1, not -3"),
+        (["--long-side", "-5"], "--long-side must be between 32 and 4096, not -5"),
+        (["--long-side", "100000"], "--long-side must be between 32 and 4096, not 100000"),
+        (["--clean", "-1"], "--clean must be at least 0, not -1"),
+        (["--max-frames", "0"], "--max-frames must be at least 1, not 0"),
+        (["--scales", "nan"], "--scales must be between 0.25 and 4, not nan"),
+        (["--scales", "1,0"], "--scales must be between 0.25 and 4, not 0"),
+        (["--scales", "1,x"], "--scales must be numbers separated by commas, not '1,x'"),
+    ],
+)
+def test_predict_options_out_of_bounds(tmp_path, options, message):
+    image = photo(tmp_path / "a.jpg")
+    out = tmp_path / "out"
+    one_error_line(cli("predict", image, "-m", "person", "-o", out, *options), message)
+    assert not out.exists() or not list(out.iterdir())  # nothing segmented
+
+
+def test_threads_are_clamped_to_the_cores(tmp_path, monkeypatch):
+    import hiseg.predictor
+
+    asked = {}
+    real_load = hiseg.predictor.load
+
+    def load(*args, **kwargs):
+        asked["threads"] = kwargs["threads"]
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(hiseg.predictor, "load", load)
+    image = photo(tmp_path / "a.jpg")
+    result = cli(
+        "predict",
+        image,
+        "-m",
+        "person",
+        "--long-side",
+        "64",
+        "--threads",
+        "100000",
+        "-o",
+        tmp_path / "out",
+    )
+    assert result.exit_code == 0, result.output
+    cores = os.cpu_count()
+    assert asked["threads"] == cores
+    assert f"--threads 100000 lowered to the {cores} CPU cores" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--data", ".", "-m", "person", "--limit", "0"], "--limit must be at least 1"),
+        (["eval", "--data", ".", "-m", "person", "--worst", "-1"], "--worst must be at least 0"),
+        (["bench", "person.onnx", "--runs", "0"], "--runs must be at least 1, not 0"),
+        (["bench", "person.onnx", "--warmup", "-1"], "--warmup must be at least 0, not -1"),
+        (["bench", "person.onnx", "--threads", "0"], "--threads must be at least 1, not 0"),
+        (["bench", "person.onnx", "--sizes", "320,16"], "--sizes must be between 32 and 4096"),
+        (["bench", "person.onnx", "--sizes", "320,"], "--sizes takes comma-separated integers"),
+        (["bench", "person.onnx", "--sizes", "big"], "--sizes takes comma-separated integers"),
+        (["export", "x.ckpt", "--limit", "0"], "--limit must be at least 1, not 0"),
+        (["export", "x.ckpt", "--clean", "-2"], "--clean must be at least 0, not -2"),
+    ],
+)
+def test_eval_bench_export_options_out_of_bounds(tmp_path, args, message):
+    one_error_line(cli(*args), message)
+
+
+# -- output locations ---------------------------------------------------------------------------
+
+
+def test_bad_output_locations_fail_before_any_work(tmp_path):
+    """Checked before the model loads: an unknown model would otherwise be the error."""
+    image = photo(tmp_path / "a.jpg")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = {
+        a_file: f"--out {a_file}: is a file, not a folder",
+        a_file / "sub": f"--out {a_file / 'sub'}: cannot create the folder (Not a directory)",
+        Path("/proc/self"): "--out /proc/self: cannot write there",
+    }
+    for out, message in cases.items():
+        one_error_line(cli("predict", image, "-m", "no-such-model", "-o", out), message)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path):
+    image = photo(tmp_path / "a.jpg")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        one_error_line(cli("predict", image, *FAST, "-o", locked), "cannot write there")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_eval_and_bench_outputs_are_checked_first(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    data = tmp_path / "no-data"  # would be the error if the outputs were checked later
+    one_error_line(cli("eval", "--data", data, "-m", "person", "--json", tmp_path), "--json")
+    one_error_line(
+        cli("eval", "--data", data, "-m", "person", "--save-pred", a_file / "p"), "--save-pred"
+    )
+    one_error_line(cli("eval", "--data", data, "-m", "person", "--report", a_file), "--report")
+    one_error_line(cli("bench", "no-such.onnx", "--out", a_file / "b.md"), "--out")
+
+
+# -- inputs are never overwritten, names never collide -------------------------------------------
+
+
+def test_out_equal_to_an_input_folder_is_refused(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo(photos / "photo.png")
+    before = (photos / "photo.png").read_bytes()
+    one_error_line(cli("predict", photos, *FAST, "-o", photos), "is also an input folder")
+    assert sorted(p.name for p in photos.iterdir()) == ["photo.png"]
+    assert (photos / "photo.png").read_bytes() == before
+
+
+def test_writing_beside_an_input_never_replaces_it(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo(photos / "photo.png", seed=1)
+    photo(photos / "photo.jpg", seed=2)
+    before = (photos / "photo.png").read_bytes()
+    result = cli("predict", photos / "photo.jpg", photos / "photo.png", *FAST, "-o", photos)
+    assert result.exit_code == 0, result.output
+    assert (photos / "photo.png").read_bytes() == before
+    assert "photo -> photo_2" in result.output and "never replaced" in result.output
+    names = {p.name for p in photos.iterdir()}
+    assert {"photo_2.png", "photo_2_overlay.jpg", "photo_3.png", "photo_3_overlay.jpg"} <= names
+
+
+def test_level_and_summary_names_do_not_collide(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, name in enumerate(["p.jpg", "p_level0.jpg", "summary.jpg"]):
+        photo(src / name, size=(20 + 4 * i, 30), seed=i)
+    out = tmp_path / "out"
+    result = cli("predict", src, *FAST, "-o", out, "--levels", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    outputs = [name for item in summary["images"] for name in item["outputs"]]
+    assert len(outputs) == len(set(outputs)) == 12
+    assert sorted(p.name for p in out.iterdir()) == sorted([*outputs, "summary.json"])
+    for item in summary["images"]:
+        labels = np.asarray(Image.open(out / item["outputs"][0]))
+        assert labels.shape == (item["height"], item["width"])
+
+
+# -- errors: one handler, failed inputs reported, the batch goes on -------------------------------
+
+
+def test_a_batch_with_bad_inputs_goes_on_and_lists_them(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = photo(src / "good.jpg")
+    bomb = png(src / "bomb.png", 100_000, 100_000, rows=1)
+    (src / "notes.jpg").write_text("not an image")
+    (src / "loop.jpg").symlink_to("loop.jpg")
+    out = tmp_path / "out"
+    result = cli("predict", src, tmp_path / "missing.jpg", *FAST, "-o", out, "--json")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    failures = {
+        str(bomb): "image is over",
+        str(src / "notes.jpg"): "not an image",
+        str(src / "loop.jpg"): "symbolic link loop",
+        str(tmp_path / "missing.jpg"): "file not found",
+    }
+    summary = json.loads((out / "summary.json").read_text())
+    listed = {f["input"]: f["reason"] for f in summary["failed"]}
+    assert listed.keys() == failures.keys()
+    for name, reason in failures.items():
+        assert reason in listed[name]
+        assert f"✗ {name}: {reason}" in result.output
+    assert [item["image"] for item in summary["images"]] == [str(good)]
+    assert (out / "good.png").is_file() and "segmented 1 of 3 input(s)" in result.output
+
+
+def test_user_mistakes_are_one_line_without_traceback(tmp_path, monkeypatch):
+    image = photo(tmp_path / "a.jpg")
+    one_error_line(
+        cli("predict", image, "-m", "no-such-model", "-o", tmp_path / "o"),
+        "no-such-model: no such model file",
+    )
+    one_error_line(cli("tree", "show", "no-such-tree"), "no-such-tree")
+    one_error_line(cli("predict", "-o", tmp_path / "o"), "nothing to segment")
+
+    import hiseg.runner
+
+    def denied(texts):
+        raise PermissionError(13, "Permission denied", texts[0])
+
+    monkeypatch.setattr(hiseg.runner, "expand_sources", denied)
+    one_error_line(cli("predict", image, *FAST, "-o", tmp_path / "o"), "Permission denied")
+
+
+# -- real processes: concurrent runs, signals ----------------------------------------------------
+
+
+def hiseg(*args) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from hiseg.cli import app; app(prog_name='hiseg')"]
+    return subprocess.Popen(
+        [*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_concurrent_runs_into_one_folder_keep_every_result(tmp_path):
+    """Three runs over 12 images of the same names (each run its own image size) into one
+    --out: every run keeps all 12 results, and each result is its own run's."""
+    out = tmp_path / "out"
+    runs = []
+    for k in range(3):
+        src = tmp_path / f"in{k}"
+        src.mkdir()
+        for i in range(12):
+            photo(src / f"img{i:02d}.png", size=(40 + 8 * k, 48), seed=i)
+        runs.append(hiseg("predict", src, *FAST, "-o", out, "--json"))
+    summaries = []
+    for k, process in enumerate(runs):
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        assert "segmented 12 of 12 input(s)" in stdout
+        path = Path(stdout.split("summary: ")[1].split()[0])
+        summaries.append((k, json.loads(path.read_text())))
+    label_maps = set()
+    for k, summary in summaries:
+        assert len(summary["images"]) == 12
+        for item in summary["images"]:
+            label_map = out / item["outputs"][0]
+            assert np.asarray(Image.open(label_map)).shape == (40 + 8 * k, 48)
+            label_maps.add(label_map.name)
+    assert len(label_maps) == 36
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and "tmp" in p.name]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_run_keeps_whole_files_and_the_summary(tmp_path, signum):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(300):
+        photo(src / f"img{i:03d}.jpg", size=(120, 160), seed=i)
+    out = tmp_path / "out"
+    process = hiseg("predict", src, *FAST, "-o", out, "--json", "--levels")
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("img*_overlay.jpg"))) < 3 and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, stderr
+    assert f"stopped by {name}: segmented" in stdout and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == name and 3 <= summary["finished"] < 300
+    listed = {name for item in summary["images"] for name in item["outputs"]}
+    on_disk = {p.name for p in out.iterdir()} - {"summary.json"}
+    assert on_disk == listed  # no claim, temporary or half-saved input left behind
+    for file in out.iterdir():
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+        else:
+            Image.open(file).load()  # whole, not truncated
