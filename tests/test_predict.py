@@ -81,7 +81,7 @@ def test_cli_many_inputs_with_bad_ones(tiny_checkpoint, pascal_root, tmp_path):
         assert labels.shape == (h, w), stem
         assert (out / f"{stem}_overlay.jpg").is_file() and (out / f"{stem}_level2.png").is_file()
     assert np.asarray(Image.open(out / "rotated.png")).shape == (w, h)  # EXIF applied
-    summaries = json.loads((out / "summary.json").read_text())
+    summaries = json.loads((out / "summary.json").read_text())["images"]
     assert len(summaries) == 5 and all("people" in s for s in summaries)
 
 
