@@ -154,3 +154,19 @@ def test_a_bad_input_is_reported_and_the_rest_go_on(tmp_path, predictor):
     assert [name for name, _ in report.failed] == [str(bomb), str(text)]
     assert "over the 100 Mpx limit" in report.failed[0][1]
     assert report.done == 3 and [s["image"] for s in report.summaries] == [str(good)]
+
+
+def test_predict_reads_every_accepted_form_like_uint8_and_refuses_the_rest(predictor):
+    """Float 0..1 and uint16 arrays once gave silently wrong labels."""
+    from hiseg.images import ImageInputError
+
+    path = Path(__file__).parents[1] / "examples" / "astronaut.jpg"
+    image = np.asarray(Image.open(path).convert("RGB"))
+    want = predictor.predict(image).labels
+    assert 0 < (want != predictor.tree.background.value).mean() < 1  # a real, mixed answer
+    deep = (image.astype(np.uint16) * 257) | 0x40  # off the multiples of 257
+    for given in (image / 255.0, image.astype(np.float32), deep, Image.fromarray(image), path):
+        np.testing.assert_array_equal(predictor.predict(given).labels, want)
+    for bad in (np.full((8, 8, 3), np.nan), np.zeros((8, 8, 2)), np.zeros((0, 8, 3))):
+        with pytest.raises(ImageInputError):
+            predictor.predict(bad)
