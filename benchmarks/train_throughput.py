@@ -44,15 +44,15 @@ def measure(config_path: Path, threads: int, steps: int, warmup: int) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
         config = load_config(config_path, [f"out_dir={out}", "tracking.mlflow=false"])
-        norm = preprocessing(config["model"]["encoder"])
+        norm = preprocessing(config.model.encoder)
         train_loader, _, train_data = build_loaders(config, norm["mean"], norm["std"])
         task = SegmentationTask(config, train_data.tree.to_dict())
         timer = StepTimer(warmup)
-        t = config["trainer"]
+        t = config.trainer
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
-            precision=t["precision"],
+            precision=t.precision,
             max_epochs=1,
             limit_train_batches=warmup + steps,
             limit_val_batches=0,
@@ -63,15 +63,15 @@ def measure(config_path: Path, threads: int, steps: int, warmup: int) -> dict:
             callbacks=[timer],
         )
         trainer.fit(task, train_loader)
-    d, m = config["data"], config["model"]
+    d, m = config.data, config.model
     return {
         "config": config_path.name,
-        "arch": m["arch"],
-        "encoder": m["encoder"],
-        "crop": d["crop_size"],
-        "batch": d["batch_size"],
-        "workers": d["num_workers"],
-        "precision": t["precision"],
+        "arch": m.arch,
+        "encoder": m.encoder,
+        "crop": d.crop_size,
+        "batch": d.batch_size,
+        "workers": d.num_workers,
+        "precision": t.precision,
         "images_per_s": timer.rate(),
     }
 

@@ -1,6 +1,9 @@
-"""A real but tiny training run on a few shared images (Pascal-Person-Part val images)."""
+"""A real but tiny training run on synthetic images, and every config or run-folder mistake
+refused before training starts."""
 
 import csv
+import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -8,20 +11,27 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import tiny_config  # noqa: E402
+from synthetic import make_folder_dataset  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from hiseg.augment import PairTransform  # noqa: E402
-from hiseg.config import ConfigError, load_config  # noqa: E402
+from hiseg.cli import app  # noqa: E402
+from hiseg.config import Config, ConfigError, load_config  # noqa: E402
 from hiseg.data import DatasetError, open_dataset  # noqa: E402
 from hiseg.models import load_checkpoint, preprocessing  # noqa: E402
 from hiseg.taxonomy import IGNORE_VALUE, load_tree  # noqa: E402
 from hiseg.training import (  # noqa: E402
     AtomicCheckpointIO,
     SegmentationTask,
+    TrainingError,
     TrainSet,
     build_loaders,
     init_weights,
+    prepare_run_dir,
     train,
 )
+
+CONFIG = "configs/pascal-person-part.yaml"
 
 
 def history(folder):
@@ -40,8 +50,8 @@ def test_tiny_run_learns_checkpoints_reload_and_resume(tiny_data, tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
     # the checkpoint alone rebuilds the model: identical predictions
-    model, meta = load_checkpoint(folder / "last.ckpt")
-    assert meta["model"]["tree"]["name"] == "pascal-person-part" and meta["long_side"] == 160
+    model, spec = load_checkpoint(folder / "last.ckpt")
+    assert spec.tree.name == "pascal-person-part" and spec.long_side == 160
     x = torch.randn(1, 3, 96, 128)
     task.model.eval()
     with torch.no_grad():
@@ -54,7 +64,7 @@ def test_tiny_run_learns_checkpoints_reload_and_resume(tiny_data, tmp_path):
     # --resume continues from the saved step instead of starting over
     saved = torch.load(folder / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 12
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(TrainingError, match="--resume"):
         train(config, track=False)
     train(tiny_config(tiny_data, tmp_path, **{"trainer.max_epochs": 7}), resume=True, track=False)
     resumed = torch.load(folder / "last.ckpt", weights_only=False)
@@ -105,10 +115,10 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="not key=value"):
         load_config("configs/pascal-person-part.yaml", ["trainer.max_epochs"])
     config = load_config("configs/pascal-person-part.yaml", ["data.scale=[0.3, 1.0]"])
-    assert config["data"]["scale"] == [0.3, 1.0] and config["name"] == "pascal-person-part"
+    assert config.data.scale == [0.3, 1.0] and config.name == "pascal-person-part"
     # model.decoder passes the architecture's own options through unchecked
     config = load_config("configs/picsart-person.yaml", ["model.decoder.upsampling=2"])
-    assert config["model"]["decoder"] == {
+    assert config.model.decoder == {
         "decoder_pyramid_channels": 64,
         "decoder_segmentation_channels": 32,
         "upsampling": 2,
@@ -117,11 +127,11 @@ def test_config_errors_name_the_key(tmp_path):
         load_config("configs/picsart-person.yaml", ["model.decoders.upsampling=2"])
     # data.extra: a folder, or a mapping with root / split / format
     config = load_config("configs/picsart-person.yaml", ["data.extra=[a, {root: b, split: val}]"])
-    assert config["data"]["extra"] == [
+    assert [dataclasses.asdict(e) for e in config.data.extra] == [
         {"root": "a", "split": "train", "format": "auto"},
         {"root": "b", "split": "val", "format": "auto"},
     ]
-    with pytest.raises(ConfigError, match=r"unknown key 'data\.extra\[0\]\.splits'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.extra\[0\]\.splits'"):
         load_config("configs/picsart-person.yaml", ["data.extra=[{root: a, splits: val}]"])
 
 
@@ -129,7 +139,7 @@ def test_extra_sets_join_training_in_the_main_sets_tree(tiny_data, tmp_path):
     """A part dataset trains a person model as person vs background; it cannot train a part
     model from person masks."""
     config = tiny_config(tiny_data, tmp_path, **{"data.extra": f"[{tiny_data}]"})
-    norm = preprocessing(config["model"]["encoder"])
+    norm = preprocessing(config.model.encoder)
     train_loader, _, train_data = build_loaders(config, norm["mean"], norm["std"])
     assert len(train_loader.dataset) == 2 * len(train_data)
 
@@ -155,14 +165,14 @@ def test_drop_leaves_listed_train_ids_out_and_names_unknown_ones(tiny_data, tmp_
     drop = tmp_path / "drop.txt"
     drop.write_text(f"# wrong masks\n{ids[0]}  # blob outside the person\n\n{ids[3]}\n")
     config = tiny_config(tiny_data, tmp_path, **{"data.drop": drop})
-    norm = preprocessing(config["model"]["encoder"])
+    norm = preprocessing(config.model.encoder)
     _, _, train_data = build_loaders(config, norm["mean"], norm["std"])
     assert train_data.ids == [i for i in ids if i not in (ids[0], ids[3])]
 
     drop.write_text(f"{ids[1]}\nno_such_id\n")
     with pytest.raises(DatasetError, match="has no sample 'no_such_id'"):
         build_loaders(config, norm["mean"], norm["std"])
-    config["data"]["drop"] = str(tmp_path / "missing.txt")
+    config.data.drop = str(tmp_path / "missing.txt")
     with pytest.raises(DatasetError, match=r"missing\.txt: no such file"):
         build_loaders(config, norm["mean"], norm["std"])
 
@@ -252,3 +262,143 @@ def test_last_checkpoint_follows_every_epoch_not_only_new_bests(tiny_data, tmp_p
     train(tiny_config(tiny_data, tmp_path, **extra), track=False)
     assert torch.load(folder / "best.ckpt", weights_only=False)["global_step"] == 2
     assert seen == [2, 4, 6]
+
+
+def test_config_is_typed_and_checkpoints_keep_it_as_a_plain_dict():
+    """Code reads attributes; a checkpoint's copy is the plain dict of the untyped layout, which
+    reads back to the same config (a run started before the typed config resumes with it)."""
+    config = load_config(CONFIG, ["data.batch_size=4", "optim.lr=2e-3"])
+    assert isinstance(config.data.batch_size, int) and config.data.batch_size == 4
+    assert isinstance(config.optim.lr, float) and config.optim.lr == 0.002
+    plain = config.to_dict()
+    assert plain["data"]["crop_size"] == 320 and plain["model"]["decoder"] == {
+        "decoder_pyramid_channels": 128,
+        "decoder_segmentation_channels": 64,
+    }
+    assert Config.from_dict(plain) == config
+    # the untyped dict an older run holds: YAML-style strings and ints where floats are meant
+    older = {**plain, "optim": {**plain["optim"], "lr": "2e-3", "warmup_steps": 100}}
+    assert Config.from_dict(older) == config
+    with pytest.raises(ConfigError, match=r"'data\.crop_size' expects a whole number, got 'big'"):
+        Config.from_dict({"data": {"crop_size": "big"}})
+
+
+def test_task_hyperparameters_are_plain(tiny_data, tmp_path):
+    """What Lightning puts into checkpoints must load with torch.load(weights_only=True)."""
+    config = tiny_config(tiny_data, tmp_path, **{"model.pretrained": "false"})
+    task = SegmentationTask(config, open_dataset(tiny_data, "train").tree.to_dict())
+    assert task.hparams["config"] == config.to_dict()
+    assert type(task.hparams["config"]) is dict and type(task.hparams["config"]["data"]) is dict
+    again = SegmentationTask(**task.hparams)  # what load_from_checkpoint does
+    assert again.config == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epochs=", r"'trainer\.max_epochs' expects a whole number, got nothing"),
+        ("trainer.max_epochs=0", r"'trainer\.max_epochs' must be at least 1, got 0"),
+        ("data.batch_size=2.5", r"'data\.batch_size' expects a whole number, got 2\.5"),
+        ("data.batch_size=0", r"'data\.batch_size' must be at least 1, got 0"),
+        ("data.crop_size=0", r"'data\.crop_size' must be at least 1, got 0"),
+        ("trainer.checkpoint_every_n_steps=-5", r"'trainer\.checkpoint_every_n_steps' must be"),
+        ("data.scale=[1.5, 0.5]", r"'data\.scale' must be \[low, high\]"),
+        ("optim.schedule=linear", r"'optim\.schedule' must be one of 'cosine', 'poly'"),
+        ("data.hflip=maybe", r"'data\.hflip' expects true or false, got 'maybe'"),
+    ],
+)
+def test_bad_values_are_one_line_errors_before_training(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG, [override])
+    result = CliRunner().invoke(
+        app, ["train", CONFIG, f"out_dir={tmp_path}", override, "--no-track"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.arch=fnp", r"'model\.arch': unknown architecture 'fnp'"),
+        ("model.encoder=tf_efficientnet_lite9", r"'model\.encoder': unknown encoder"),
+    ],
+)
+def test_unknown_model_names_fail_before_any_data_is_read(override, message, tmp_path):
+    config = load_config(CONFIG, [f"data.root={tmp_path / 'no_such_data'}", override])
+    with pytest.raises(ConfigError, match=message):
+        train(config, track=False)
+
+
+def test_an_unwritable_out_dir_fails_before_the_first_step(tiny_data, tmp_path, monkeypatch):
+    """out_dir below a file: no folder can be made there (a read-only mount fails the same way;
+    root ignores permission bits, so the test uses a file)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    steps = []
+    monkeypatch.setattr(SegmentationTask, "training_step", lambda *a: steps.append(1))
+    config = tiny_config(tiny_data, blocker / "runs")
+    with pytest.raises(ConfigError, match=r"out_dir: cannot write checkpoints to .*a_file"):
+        train(config, track=False)
+    assert steps == []
+
+
+def test_batch_larger_than_the_training_set_is_refused(tiny_data, tmp_path):
+    """drop_last would drop every batch: the run would train nothing and say it was done."""
+    config = tiny_config(tiny_data, tmp_path, **{"data.batch_size": 9})
+    with pytest.raises(
+        ConfigError, match=r"'data\.batch_size' is 9, but the training set has only 8"
+    ):
+        train(config, track=False)
+
+
+def test_a_corrupt_last_checkpoint_is_one_clear_message(tiny_data, tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04 half a zip, the disk filled up")
+    config = tiny_config(tiny_data, tmp_path)
+    with pytest.raises(TrainingError, match=r"last\.ckpt: cannot resume, the checkpoint is"):
+        train(config, resume=True, track=False)
+    torch.save({"weights": torch.ones(2)}, folder / "last.ckpt")  # readable, but no run state
+    with pytest.raises(TrainingError, match="not a training checkpoint"):
+        train(config, resume=True, track=False)
+    result = CliRunner().invoke(
+        app, ["train", CONFIG, f"data.root={tiny_data}", f"out_dir={tmp_path}", "name=tiny",
+              "--resume", "--no-track"]
+    )  # fmt: skip
+    assert result.exit_code == 2 and "not a training checkpoint" in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_temporary_checkpoints_of_killed_runs_are_removed(tmp_path):
+    dead = tmp_path / ".last.ckpt.999999999.tmp"  # no such pid
+    alive = tmp_path / f".last.ckpt.{os.getppid()}.tmp"  # a live writer's file is kept
+    other = tmp_path / "notes.tmp"
+    for path in (dead, alive, other):
+        path.write_bytes(b"x")
+    prepare_run_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
+
+
+def test_person_crops_use_the_trees_background_value(tmp_path):
+    """A folder dataset whose background is 7: crops biased to people land on people, not on
+    the background (which a 0 background would take for one big person)."""
+    data = make_folder_dataset(tmp_path / "data", n_train=4, n_val=1, background=7)
+    config = tiny_config(
+        data,
+        tmp_path,
+        **{"data.crop_size": 24, "data.scale": "[1, 1]", "data.person_crop_prob": 1.0},
+    )
+    norm = preprocessing(config.model.encoder)
+    train_loader, _, train_data = build_loaders(config, norm["mean"], norm["std"])
+    assert train_data.tree.background.value == 7
+    crops = train_loader.dataset
+    background = train_data.tree.leaf_index(np.array(7))
+    hits = [
+        bool(((target != background) & (target != IGNORE_VALUE)).any())
+        for _ in range(10)
+        for i in range(len(crops))
+        for target in [crops[i][1].numpy()]
+    ]
+    assert all(hits), f"{hits.count(False)} of {len(hits)} person crops hold no person"

@@ -21,13 +21,14 @@ from hiseg.taxonomy import IGNORE_VALUE
 class PersonCrop(BaseCrop):
     """A ``size`` x ``size`` crop that, with probability ``person_prob``, is centred on a person.
 
-    A person is a connected region (8-connectivity) of labels other than ``background_value`` and
-    ``IGNORE_VALUE``. The region is drawn uniformly, then a pixel within it, so a tiny person is
-    picked as often as a big one. Otherwise, or with no person in the mask, the crop is uniform.
+    A person is a connected region (8-connectivity) of labels other than ``background_value`` (the
+    tree's, which need not be 0: no default, so it is never silently wrong) and ``IGNORE_VALUE``.
+    The region is drawn uniformly, then a pixel within it, so a tiny person is picked as often as a
+    big one. Otherwise, or with no person in the mask, the crop is uniform.
     The input must be at least ``size`` in both sides (pad first).
     """
 
-    def __init__(self, size: int, person_prob: float = 0.7, background_value: int = 0):
+    def __init__(self, size: int, person_prob: float, *, background_value: int):
         super().__init__(p=1.0)
         self.size = size
         self.person_prob = person_prob
@@ -96,18 +97,20 @@ def train_transform(
     hflip: bool = True,
     color: bool = True,
     seed: int | None = None,
-    background_value: int = 0,
+    *,
+    background_value: int,
 ) -> PairTransform:
     """Random rescale, pad to ``size``, person-biased ``size`` crop, flip, rotation, colour.
 
-    Takes an RGB uint8 image and a uint8 label-value map (not leaf indices). Flips keep labels:
-    the trees have no left/right classes.
+    Takes an RGB uint8 image and a uint8 label-value map (not leaf indices) whose background is
+    ``background_value`` (``tree.background.value``). Flips keep labels: the trees have no
+    left/right classes.
     """
     fill = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_VALUE}
     transforms: list[A.BasicTransform] = [
         A.RandomScale(scale_limit=(scale[0] - 1, scale[1] - 1), area_for_downscale="image", p=1),
         A.PadIfNeeded(size, size, position="random", **fill),
-        PersonCrop(size, person_crop_prob, background_value),
+        PersonCrop(size, person_crop_prob, background_value=background_value),
     ]
     if hflip:
         transforms.append(A.HorizontalFlip(p=0.5))

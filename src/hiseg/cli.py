@@ -20,6 +20,7 @@ from hiseg import __version__
 from hiseg.config import ConfigError, load_config
 from hiseg.data import (
     FORMATS,
+    Dataset,
     DatasetError,
     check_dataset,
     dataset_splits,
@@ -119,12 +120,14 @@ def tree_show(tree: str = typer.Argument(..., help="Builtin tree name or tree YA
 # -- data -------------------------------------------------------------------------------------
 
 
-def _datasets(path: Path, split: str | None, fmt: str) -> Iterator:
-    """The named split, or every split, of a dataset folder; a clear error if it can't open."""
+def _datasets(path: Path, split: str | None, fmt: str) -> list[Dataset]:
+    """The named split, or every split, of a dataset folder; a clear error if it can't open.
+
+    Never empty: a folder with no splits, or a format that does not fit it, is an error.
+    """
     try:
         names = [split] if split else dataset_splits(path, fmt)
-        for name in names:
-            yield open_dataset(path, name, fmt)
+        return [open_dataset(path, name, fmt) for name in names]
     except (DatasetError, TreeError, OSError) as err:
         raise fail(str(err)) from None
 
@@ -137,7 +140,8 @@ def data_check(
 ) -> None:
     """Check every sample; report each problem with its file. Exit 1 if any."""
     problems = []
-    for dataset in _datasets(path, split, format):
+    datasets = _datasets(path, split, format)
+    for dataset in datasets:
         name = dataset.split
         with progress_bar(len(dataset), f"checking {name}") as advance:
             found = check_dataset(dataset, advance)
@@ -148,6 +152,8 @@ def data_check(
         problems.extend(found)
     if problems:
         raise typer.Exit(1)
+    if not sum(len(d) for d in datasets):  # check_dataset names empty splits; belt and braces
+        raise fail(f"{path}: nothing to check (no samples)", code=1)
 
 
 @data_app.command("stats")
@@ -160,6 +166,8 @@ def data_stats(
     """Image sizes, pixel share per node per level, and person sizes, as tables and a PNG."""
     for dataset in _datasets(path, split, format):
         name = dataset.split
+        if not len(dataset):
+            raise fail(f"{path}: split '{name}' has no samples")
         with progress_bar(len(dataset), f"reading {name}") as advance:
             stats = dataset_stats(dataset, advance)
         summary = stats.to_dict()
@@ -443,7 +451,7 @@ def train_command(
         raise fail(f"training needs the train extra: pip install 'hiseg[train]' ({err})") from None
     try:
         train(cfg, resume=resume, track=track)
-    except (DatasetError, TreeError, FileNotFoundError, FileExistsError) as err:
+    except HisegError as err:  # config, data, tree, run folder, checkpoint to resume
         raise fail(str(err)) from None
     console.print(f"checkpoints saved to {run_dir(cfg)}/ (best.ckpt, last.ckpt, history.csv)")
 

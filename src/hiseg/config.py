@@ -1,128 +1,273 @@
-"""Training configuration: YAML files over defaults, with ``key.sub=value`` overrides.
+"""Training configuration: typed sections, read from YAML files with ``key.sub=value`` overrides.
 
-Every key a user may set is in :data:`DEFAULTS`; an unknown key is an error that names it, so a
-typo never silently trains with the default.
+:class:`Config` and its sections are dataclasses, so code reads ``config.data.crop_size`` and a
+type checker sees every key. Loading checks each key (an unknown key is an error that names it, so
+a typo never silently trains with the default), each type (``2.5`` is no batch size) and each
+range (``trainer.max_epochs`` at least 1), before any data or model is touched.
+
+Checkpoints keep the config as the plain dict of :meth:`Config.to_dict` (the same layout as the
+untyped config it replaced): they load with ``torch.load(weights_only=True)``, and
+:meth:`Config.from_dict` reads either.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import types
+import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
 from hiseg.errors import HisegError
-
-DEFAULTS: dict[str, Any] = {
-    "name": None,  # run name; default: the config file's stem
-    "out_dir": "runs",  # checkpoints go to <out_dir>/<name>/
-    "seed": 0,
-    "data": {
-        "root": None,
-        "format": "auto",
-        "train_split": "train",
-        "val_split": "val",
-        "crop_size": 320,  # training crops are crop_size x crop_size
-        "scale": [0.5, 1.5],  # random rescale range before cropping
-        "person_crop_prob": 0.7,  # share of crops centred on a person region
-        "rotate_deg": 0,
-        "hflip": True,
-        "color": True,
-        "val_long_side": 512,  # validation resizes the long side to this
-        "batch_size": 8,
-        "num_workers": 2,
-        "limit_val_images": None,  # score only the first N val images (for quick runs)
-        # More training sets, e.g. [{root: ../shared/data/pascal-person-part, split: train}];
-        # labels are turned into the main set's tree (same tree, or any tree into 'person').
-        "extra": [],
-        # A text file of train ids to leave out (one per line, '#' starts a comment), e.g. the
-        # masks a cross-validated model found to be wrong (see MODEL_CARD_person.md).
-        "drop": None,
-    },
-    "model": {
-        "arch": "fpn",
-        "encoder": "tf_efficientnet_lite0",
-        "pretrained": True,
-        "decoder": {},  # the architecture's own options, e.g. decoder_pyramid_channels: 64
-        "init": None,  # start from this hiseg checkpoint's weights (same model), e.g. to fine-tune
-    },
-    "loss": {"kind": "ce", "level_weights": None, "dice": 0.0, "lovasz": 0.0, "tree_min": 0.0},
-    "optim": {
-        "lr": 1.0e-3,  # decoder and head
-        "encoder_lr": 3.0e-4,
-        "weight_decay": 1.0e-4,
-        "warmup_steps": 100,
-        "schedule": "cosine",  # or "poly"
-        "min_lr_ratio": 0.01,
-    },
-    "trainer": {
-        "max_epochs": 10,
-        "accelerator": "cpu",
-        "devices": 1,
-        "num_nodes": 1,
-        "strategy": "auto",  # "ddp" for several GPUs or nodes
-        "precision": "bf16-mixed",
-        "channels_last": True,
-        "threads": None,  # torch intra-op threads on CPU; default: all cores
-        "early_stopping_patience": 0,  # epochs without improvement; 0 = off
-        "checkpoint_every_n_steps": 200,  # also refresh last.ckpt within long epochs
-        "limit_train_batches": None,
-        "log_every_n_steps": 10,
-        "progress_bar": True,
-    },
-    "tracking": {
-        "mlflow": True,
-        "uri": "sqlite:///runs/mlflow.db",
-        "experiment": "hiseg",
-        "sample_images": 4,  # val predictions logged as images each epoch
-    },
-}
-
-
-#: Mappings whose keys are passed through unchecked (the architecture's own options).
-FREE_FORM = {"model.decoder"}
 
 
 class ConfigError(HisegError, ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
-    """Merge ``update`` into ``base``, checking keys and types (except under ``FREE_FORM``)."""
-    for key, value in update.items():
-        path = f"{where}.{key}" if where else key
-        if where in FREE_FORM:
-            base[key] = value
-            continue
-        if key not in base:
-            known = ", ".join(sorted(base))
-            raise ConfigError(f"unknown config key '{path}' (known here: {known})")
-        if isinstance(base[key], dict):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
-            _merge(base[key], value, path)
-        else:
-            base[key] = _coerce(path, base[key], value)
+def _bounded(default: Any, low: float | None = None, high: float | None = None) -> Any:
+    """A field whose value, when set, must lie in ``[low, high]`` (checked on loading)."""
+    return field(default=default, metadata={"low": low, "high": high})
 
 
-def _coerce(path: str, default: Any, value: Any) -> Any:
-    """Check a value against its default's type; YAML reads ``1e-3`` as a string, so parse it."""
-    if default is None or value is None or isinstance(default, str):
+@dataclass
+class ExtraSet:
+    """One more training set (``data.extra``): a folder, its split and layout."""
+
+    root: str
+    split: str = "train"
+    format: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    format: str = "auto"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = _bounded(320, low=1)  # training crops are crop_size x crop_size
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.5])  # random rescale range
+    person_crop_prob: float = _bounded(0.7, low=0, high=1)  # share of crops centred on a person
+    rotate_deg: float = 0
+    hflip: bool = True
+    color: bool = True
+    val_long_side: int = _bounded(512, low=1)  # validation resizes the long side to this
+    batch_size: int = _bounded(8, low=1)
+    num_workers: int = _bounded(2, low=0)
+    limit_val_images: int | None = _bounded(None, low=1)  # score only the first N val images
+    # More training sets, e.g. [{root: ../shared/data/pascal-person-part, split: train}];
+    # labels are turned into the main set's tree (same tree, or any tree into 'person').
+    extra: list[ExtraSet] = field(default_factory=list)
+    # A text file of train ids to leave out (one per line, '#' starts a comment), e.g. the
+    # masks a cross-validated model found to be wrong (see MODEL_CARD_person.md).
+    drop: str | None = None
+
+    def _check(self, where: str) -> None:
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(
+                f"config key '{where}.scale' must be [low, high] with 0 < low <= high, "
+                f"got {self.scale}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fpn"
+    encoder: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    # The architecture's own options, passed through unchecked, e.g. decoder_pyramid_channels: 64
+    decoder: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # start from this hiseg checkpoint's weights (same model)
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["ce", "focal"] = "ce"
+    level_weights: list[float] | None = None
+    dice: float = _bounded(0.0, low=0)
+    lovasz: float = _bounded(0.0, low=0)
+    tree_min: float = _bounded(0.0, low=0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _bounded(1.0e-3, low=0)  # decoder and head
+    encoder_lr: float = _bounded(3.0e-4, low=0)
+    weight_decay: float = _bounded(1.0e-4, low=0)
+    warmup_steps: int = _bounded(100, low=0)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    min_lr_ratio: float = _bounded(0.01, low=0, high=1)
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = _bounded(10, low=1)
+    accelerator: str = "cpu"
+    devices: int = _bounded(1, low=1)
+    num_nodes: int = _bounded(1, low=1)
+    strategy: str = "auto"  # "ddp" for several GPUs or nodes
+    precision: str = "bf16-mixed"
+    channels_last: bool = True
+    threads: int | None = _bounded(None, low=1)  # torch intra-op threads on CPU; default: all
+    early_stopping_patience: int = _bounded(0, low=0)  # epochs without improvement; 0 = off
+    checkpoint_every_n_steps: int = _bounded(200, low=0)  # also refresh last.ckpt in an epoch
+    limit_train_batches: int | float | None = _bounded(None, low=0)
+    log_every_n_steps: int = _bounded(10, low=1)
+    progress_bar: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: bool = True
+    uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "hiseg"
+    sample_images: int = _bounded(4, low=0)  # val predictions logged as images each epoch
+
+
+@dataclass
+class Config:
+    """Everything ``hiseg train`` needs; checkpoints go to ``<out_dir>/<name>/``."""
+
+    name: str | None = None  # run name; default: the config file's stem
+    out_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists, numbers and strings: what checkpoints and MLflow store."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> Config:
+        """A checked config from a (possibly partial) dict; missing keys take their defaults."""
+        return _build(cls, spec, "")
+
+
+#: Mappings whose keys are passed through unchecked (the architecture's own options).
+FREE_FORM = {"model.decoder"}
+
+
+def _build(cls: type, spec: Any, where: str) -> Any:
+    """An instance of dataclass ``cls`` from a mapping, every key, type and range checked."""
+    if cls is ExtraSet and isinstance(spec, str):
+        spec = {"root": spec}  # data.extra entries may be just a folder
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"config key '{where}' must be a mapping, got {spec!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(spec) - set(fields), key=str)
+    if unknown:
+        path = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(f"unknown config key '{path}' (known here: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in spec.items():
+        path = f"{where}.{name}" if where else name
+        values[name] = _convert(path, hints[name], value)
+        _check_range(path, fields[name].metadata, values[name])
+    if cls is ExtraSet and not values.get("root"):
+        raise ConfigError(f"{where}.root is not set (the dataset folder)")
+    built = cls(**values)
+    if hasattr(built, "_check"):  # checks across keys, e.g. a range given as [low, high]
+        built._check(where)
+    return built
+
+
+def _check_range(path: str, bounds: Mapping[str, Any], value: Any) -> None:
+    low, high = bounds.get("low"), bounds.get("high")
+    if value is None or (low is None and high is None):
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"config key '{path}' must be {allowed}, got {value!r}")
+
+
+def _convert(path: str, hint: Any, value: Any) -> Any:
+    """``value`` as type ``hint``, or a :class:`ConfigError` naming the key and the type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
         return value
-    if isinstance(default, bool):
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(path, option, value)
+            except ConfigError:
+                pass
+        raise _wrong_type(path, hint, value)
+    if origin is Literal:
+        if value in args:
+            return value
+        allowed = ", ".join(repr(a) for a in args)
+        raise ConfigError(f"config key '{path}' must be one of {allowed}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise _wrong_type(path, hint, value)
+        return [_convert(f"{path}[{i}]", args[0], item) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
         if isinstance(value, bool):
             return value
-    elif isinstance(default, (int, float)):
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is not None:
-            return int(number) if isinstance(default, int) and number.is_integer() else number
-    elif isinstance(default, list) and isinstance(value, list):
-        return value
-    raise ConfigError(f"config key '{path}' expects {type(default).__name__}, got {value!r}")
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. trainer.precision=32, name=2024
+    elif hint in (int, float) and not isinstance(value, bool):
+        number = _number(value)
+        if number is not None and hint is float:
+            return number
+        if number is not None and float(number).is_integer():
+            return int(number)
+    raise _wrong_type(path, hint, value)
+
+
+def _number(value: Any) -> float | None:
+    """A number from an int, float or numeric string (YAML reads ``1e-3`` as a string)."""
+    try:
+        return float(value) if isinstance(value, (int, float, str)) else None
+    except ValueError:
+        return None
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(hint) or ("null" if hint is type(None) else str(hint).replace("typing.", ""))
+
+
+def _wrong_type(path: str, hint: Any, value: Any) -> ConfigError:
+    shown = "nothing (null)" if value is None else repr(value)
+    return ConfigError(f"config key '{path}' expects {_type_name(hint)}, got {shown}")
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
+    """Merge ``update`` into ``base`` in place; nested mappings merge, other values replace."""
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else str(key)
+        if where in FREE_FORM or key not in base:  # unknown keys are named by _build
+            base[key] = value
+        elif isinstance(base[key], dict) and isinstance(value, Mapping):
+            _merge(base[key], value, path)
+        else:
+            base[key] = value
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -130,7 +275,10 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': the value is not valid YAML") from None
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
@@ -140,9 +288,9 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Defaults, then the YAML file, then the overrides; validated."""
-    config = copy.deepcopy(DEFAULTS)
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then the overrides; checked."""
+    config = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -150,36 +298,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             spec = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            reason = " ".join(str(err).split())
+            raise ConfigError(f"{path}: not valid YAML: {reason}") from None
         try:
-            _merge(config, spec, "")
+            config = _apply(config, spec)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-        config["name"] = config["name"] or path.stem
+        config.name = config.name or path.stem
     for text in overrides:
-        _merge(config, parse_override(text), "")
-    if not config["data"]["root"]:
+        config = _apply(config, parse_override(text))
+    if not config.data.root:
         raise ConfigError("data.root is not set (the dataset folder)")
-    config["data"]["extra"] = [_extra_set(i, e) for i, e in enumerate(config["data"]["extra"])]
-    config["name"] = config["name"] or "run"
+    config.name = config.name or "run"
     return config
 
 
-#: What an entry of ``data.extra`` may say, with defaults.
-EXTRA_SET = {"root": None, "split": "train", "format": "auto"}
-
-
-def _extra_set(index: int, entry: Any) -> dict[str, Any]:
-    """One ``data.extra`` entry, checked and completed with :data:`EXTRA_SET` defaults."""
-    where = f"data.extra[{index}]"
-    if isinstance(entry, str):
-        entry = {"root": entry}
-    if not isinstance(entry, Mapping):
-        raise ConfigError(f"{where} must be a folder or a mapping with 'root', got {entry!r}")
-    unknown = sorted(set(entry) - set(EXTRA_SET))
-    if unknown:
-        known = ", ".join(EXTRA_SET)
-        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {known})")
-    if not entry.get("root"):
-        raise ConfigError(f"{where}.root is not set (the dataset folder)")
-    return {**EXTRA_SET, **entry}
+def _apply(config: Config, update: Any) -> Config:
+    if not isinstance(update, Mapping):
+        raise ConfigError(f"a config must be a mapping of keys, got {update!r}")
+    merged = config.to_dict()
+    _merge(merged, update, "")
+    return Config.from_dict(merged)

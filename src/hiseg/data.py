@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hiseg.errors import HisegError
 from hiseg.images import IMAGE_SUFFIXES, MASK_SUFFIXES, ImageReadError, read_image, read_mask
 from hiseg.taxonomy import BACKGROUND, IGNORE_VALUE, Tree, load_tree
-from hiseg.errors import HisegError
 
 #: Person-size buckets, as a share of the image covered by one connected body region.
 SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
@@ -98,6 +99,10 @@ class Dataset:
     def _list_samples(self) -> list[Sample]:
         raise NotImplementedError
 
+    def id_list(self) -> Path | None:
+        """The file that lists the split's ids, if the format has one."""
+        return None
+
     def _missing_image_reason(self, sample: Sample) -> str:
         return f"image for '{sample.id}' is missing (its mask is {sample.mask_path})"
 
@@ -140,6 +145,17 @@ class Dataset:
         if sample.mask_path is None:
             raise ImageReadError(sample.image_path or sample.id, "no mask for this image")
         return self.tree.encode_mask(read_mask(sample.mask_path))
+
+    def check_listing(self) -> list[Problem]:
+        """Problems of the split as a whole: no samples at all, or ids listed more than once
+        (a duplicated id is trained and scored twice)."""
+        where = self.id_list() or self.root
+        if not self.samples:
+            return [Problem(where, f"split '{self.split}' has no samples")]
+        counts = Counter(self.ids)
+        return [
+            Problem(where, f"id '{sid}' is listed {n} times") for sid, n in counts.items() if n > 1
+        ]
 
     def check_sample(self, sample: Sample) -> list[Problem]:
         """Every problem of one sample, each naming its file; [] when the sample is sound."""
@@ -199,8 +215,11 @@ class PascalPersonPart(Dataset):
     def splits(cls, root: Path) -> list[str]:
         return sorted(p.name.removesuffix("_id.txt") for p in root.glob("*_id.txt"))
 
+    def id_list(self) -> Path:
+        return self.root / f"{self.split}_id.txt"
+
     def _list_samples(self) -> list[Sample]:
-        id_file = self.root / f"{self.split}_id.txt"
+        id_file = self.id_list()
         images, masks = self.root / "JPEGImages", self.root / "gt_masks"
         samples = []
         for sid in read_id_list(id_file):
@@ -257,13 +276,17 @@ class FolderDataset(Dataset):
     def splits(cls, root: Path) -> list[str]:
         return sorted(p.stem for p in root.glob("*.txt")) or ["all"]
 
+    def id_list(self) -> Path | None:
+        path = self.root / f"{self.split}.txt"
+        return path if path.exists() else None
+
     def _list_samples(self) -> list[Sample]:
         images = _files_by_stem(self.root / "images", IMAGE_SUFFIXES)
         masks = _files_by_stem(self.root / "masks", MASK_SUFFIXES)
-        id_file = self.root / f"{self.split}.txt"
+        id_file = self.id_list()
         ids = (
             read_id_list(id_file)
-            if id_file.exists()
+            if id_file is not None
             else sorted(images.keys() | masks.keys(), key=_natural_key)
         )
         return [Sample(sid, images.get(sid), masks.get(sid)) for sid in ids]
@@ -287,10 +310,36 @@ def detect_format(root: str | Path) -> str:
     )
 
 
-def dataset_splits(root: str | Path, format: str = "auto") -> list[str]:
+#: What each format expects on disk, for errors.
+LAYOUTS = {
+    "pascal-person-part": "JPEGImages/ + gt_masks/ and <split>_id.txt lists",
+    "person-folder": "<split>/ + <split>_mask/ folders",
+    "folder": "images/ + masks/ + tree.yaml",
+}
+
+
+def resolve_format(root: str | Path, format: str = "auto") -> str:
+    """The format of ``root``: detected for ``auto``; a named one must exist and fit the folder,
+    so a wrong ``--format`` never finds nothing and reports success."""
     root = Path(root)
-    fmt = detect_format(root) if format == "auto" else format
-    return FORMATS[fmt].splits(root)
+    if format == "auto":
+        return detect_format(root)
+    if format not in FORMATS:
+        raise DatasetError(f"unknown format '{format}' (known: auto, {', '.join(FORMATS)})")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder")
+    if not FORMATS[format].detect(root):
+        raise DatasetError(f"{root}: not a {format} dataset (expected {LAYOUTS[format]})")
+    return format
+
+
+def dataset_splits(root: str | Path, format: str = "auto") -> list[str]:
+    """The splits of a dataset folder; an error if it has none."""
+    fmt = resolve_format(root, format)
+    splits = FORMATS[fmt].splits(Path(root))
+    if not splits:
+        raise DatasetError(f"{root}: no splits in this {fmt} dataset (expected {LAYOUTS[fmt]})")
+    return splits
 
 
 def open_dataset(
@@ -298,11 +347,7 @@ def open_dataset(
 ) -> Dataset:
     """Open one split of a dataset folder, detecting its format unless one is given."""
     root = Path(root)
-    fmt = detect_format(root) if format == "auto" else format
-    if fmt not in FORMATS:
-        raise DatasetError(f"unknown format '{fmt}' (known: {', '.join(FORMATS)})")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder")
+    fmt = resolve_format(root, format)
     splits = FORMATS[fmt].splits(root)
     if split not in splits:
         raise DatasetError(f"{root}: no split '{split}' in this {fmt} dataset (splits: {splits})")
@@ -317,8 +362,8 @@ def parallel_map(fn: Callable, items: list, workers: int | None = None) -> Itera
 
 
 def check_dataset(dataset: Dataset, progress: Callable[[int], None] | None = None) -> list[Problem]:
-    """All problems of a split; never stops at the first bad file."""
-    problems: list[Problem] = []
+    """All problems of a split (its listing, then each sample); never stops at the first."""
+    problems = dataset.check_listing()
     for sample_problems in parallel_map(dataset.check_sample, dataset.samples):
         problems.extend(sample_problems)
         if progress:

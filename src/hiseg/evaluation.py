@@ -27,10 +27,10 @@ from hiseg.data import (
     person_regions,
     size_bucket,
 )
+from hiseg.errors import HisegError
 from hiseg.images import ImageReadError, read_mask
 from hiseg.metrics import ConfusionMatrix
 from hiseg.taxonomy import Tree, load_tree
-from hiseg.errors import HisegError
 
 if TYPE_CHECKING:
     from hiseg.predictor import Predictor
@@ -47,8 +47,9 @@ def score_prediction_dir(
 ) -> dict[str, Any]:
     """Score ``<pred_dir>/<id>.png`` leaf label maps against every sample of ``dataset``.
 
-    Any model's output can be scored this way. Every missing or malformed prediction is named
-    in one :class:`EvaluationError`, before any score is reported.
+    Any model's output can be scored this way. Every missing or malformed prediction, and every
+    ground-truth mask with values outside the tree (which would otherwise be silently ignored),
+    is named in one :class:`EvaluationError`, before any score is reported.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -59,31 +60,57 @@ def score_prediction_dir(
             f", ... ({len(missing)} in all)" if len(missing) > 20 else ""
         )
         raise EvaluationError(f"{pred_dir}: no prediction <id>.png for id(s) {shown}")
+    tree = dataset.tree
 
-    def one(sample: Sample) -> ConfusionMatrix:
+    def one(sample: Sample) -> tuple[ConfusionMatrix | None, list[str]]:
+        """The sample's matrix, or None and every problem of its prediction and mask."""
         path = pred_dir / f"{sample.id}.png"
-        target = dataset.read_labels(sample)
-        pred = read_mask(path)
-        if pred.shape != target.shape:
-            raise EvaluationError(
-                f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
-                f"ground truth is {target.shape[1]}x{target.shape[0]}"
-            )
-        cm = ConfusionMatrix(dataset.tree)
+        problems, target, pred = [], None, None
         try:
-            cm.update(target, pred.astype(np.int64))
-        except ValueError as err:
-            raise EvaluationError(f"{path}: {err}") from None
-        return cm
+            if sample.mask_path is None:
+                raise ImageReadError(sample.image_path or sample.id, "no ground-truth mask")
+            raw = read_mask(sample.mask_path)
+            unknown = tree.unknown_values(raw)
+            if unknown:
+                problems.append(
+                    f"{sample.mask_path}: ground-truth values {unknown} are not in tree "
+                    f"'{tree.name}' (leaf values: {tree.values})"
+                )
+            target = tree.encode_mask(raw)
+        except ImageReadError as err:
+            problems.append(str(err))
+        try:
+            pred = read_mask(path).astype(np.int64)
+        except ImageReadError as err:
+            problems.append(str(err))
+        if pred is not None:
+            outside = np.unique(pred[tree.leaf_index(pred) < 0]).tolist()
+            if outside:
+                problems.append(
+                    f"{path}: values {outside} are not leaf values of tree '{tree.name}' "
+                    f"({tree.values})"
+                )
+            elif target is not None and pred.shape != target.shape:
+                problems.append(
+                    f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
+                    f"ground truth is {target.shape[1]}x{target.shape[0]}"
+                )
+        if problems or target is None or pred is None:
+            return None, problems
+        cm = ConfusionMatrix(tree)
+        cm.update(target, pred)
+        return cm, []
 
-    total = ConfusionMatrix(dataset.tree)
-    try:
-        for cm in parallel_map(one, dataset.samples):
+    total = ConfusionMatrix(tree)
+    problems: list[str] = []
+    for cm, found in parallel_map(one, dataset.samples):
+        problems.extend(found)
+        if cm is not None:
             total.merge(cm)
-            if progress:
-                progress(1)
-    except ImageReadError as err:
-        raise EvaluationError(str(err)) from None
+        if progress:
+            progress(1)
+    if problems:
+        raise EvaluationError(f"{len(problems)} problem(s): " + "; ".join(problems))
     return total.scores()
 
 

@@ -1,7 +1,7 @@
 """Training with Lightning: CPU first (bf16 autocast, channels_last), DDP-ready.
 
-``train(config)`` builds the data, model, loss and trainer from one config dict (see
-:mod:`hiseg.config`) and writes ``best.ckpt`` and ``last.ckpt`` atomically to
+``train(config)`` builds the data, model, loss and trainer from one :class:`hiseg.config.Config`
+and writes ``best.ckpt`` and ``last.ckpt`` atomically to
 ``<out_dir>/<name>/``. A checkpoint carries the tree, preprocessing and architecture under the key
 ``"hiseg"``, so it alone is enough to predict (:func:`hiseg.models.load_checkpoint`).
 """
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import time
@@ -24,17 +25,18 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset, DataLoader
 
-from hiseg import __version__
 from hiseg.augment import train_transform
+from hiseg.config import Config, ConfigError
 from hiseg.data import Dataset, DatasetError, open_dataset, read_id_list
-from hiseg.inference import letterbox, normalize, softmax, unletterbox
+from hiseg.errors import HisegError
 from hiseg.losses import build_loss
 from hiseg.metrics import ConfusionMatrix
-from hiseg.models import create_model, load_checkpoint, preprocessing
+from hiseg.models import ARCHITECTURES, create_model, load_checkpoint, preprocessing
+from hiseg.pipeline import normalize
+from hiseg.predictor import Backend, Predictor
+from hiseg.spec import METADATA_KEY, ModelSpec
 from hiseg.taxonomy import IGNORE_VALUE, Tree
 from hiseg.visualize import overlay
-
-CHECKPOINT_KEY = "hiseg"
 
 
 def leaf_targets(labels: np.ndarray, tree: Tree) -> np.ndarray:
@@ -69,19 +71,17 @@ class TrainSet(torch.utils.data.Dataset):
 
 
 class ValSet(torch.utils.data.Dataset):
-    """Whole images fitted to the model size, with their original-size labels."""
+    """Whole images and their labels, as read: validation predicts them as ``hiseg predict``."""
 
-    def __init__(self, dataset: Dataset, long_side: int, mean, std, limit: int | None = None):
-        self.dataset, self.long_side, self.mean, self.std = dataset, long_side, mean, std
+    def __init__(self, dataset: Dataset, limit: int | None = None):
+        self.dataset = dataset
         self.n = len(dataset) if limit is None else min(limit, len(dataset))
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
-        image, labels = self.dataset[i]
-        fitted, box = letterbox(image, self.long_side)
-        return torch.from_numpy(normalize(fitted, self.mean, self.std)), labels, box, image
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset[i]
 
 
 def _single(batch: list) -> Any:
@@ -92,25 +92,27 @@ class SegmentationTask(L.LightningModule):
     """The model, its loss and optimiser, and per-level validation on the whole split."""
 
     def __init__(
-        self, config: dict[str, Any], tree: dict[str, Any], pretrained: bool | None = None
+        self, config: Config | dict[str, Any], tree: dict[str, Any], pretrained: bool | None = None
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.config = config
+        self.config = config if isinstance(config, Config) else Config.from_dict(config)
+        # Plain values only: checkpoints load with weights_only=True, and resume older runs.
+        hparams = {"config": self.config.to_dict(), "tree": tree, "pretrained": pretrained}
+        self.save_hyperparameters(hparams)
         self.tree = Tree.from_dict(tree)
-        m = config["model"]
-        use_pretrained = m["pretrained"] if pretrained is None else pretrained
+        m = self.config.model
+        use_pretrained = m.pretrained if pretrained is None else pretrained
         self.model = create_model(
-            m["arch"], m["encoder"], self.tree, pretrained=use_pretrained, decoder=m["decoder"]
+            m.arch, m.encoder, self.tree, pretrained=use_pretrained, decoder=m.decoder
         )
-        if config["trainer"]["channels_last"]:
+        if self.config.trainer.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(self.tree, config["loss"])
+        self.loss_fn = build_loss(self.tree, dataclasses.asdict(self.config.loss))
         self.confusion = ConfusionMatrix(self.tree)
         self.samples: list[np.ndarray] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config["trainer"]["channels_last"]:
+        if self.config.trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
@@ -126,13 +128,22 @@ class SegmentationTask(L.LightningModule):
         self.confusion = ConfusionMatrix(self.tree)
         self.samples = []
 
+    def spec(self) -> ModelSpec:
+        """What the model's checkpoints store: it predicts at ``data.val_long_side``."""
+        return self.model.spec(self.config.data.val_long_side, self.config.data.crop_size)
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, labels, box, image = batch
-        logits = self(x[None]).float()[0].cpu().numpy()
-        probs = unletterbox(softmax(logits), box)
-        pred = self.tree.decode(probs)
+        """Predict one val image through :class:`hiseg.predictor.Predictor`, the code of
+        ``hiseg predict`` (the network is this model in its current state)."""
+        image, labels = batch
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return self(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+        predictor = Predictor([Backend("validation", run, self.spec())])
+        pred = predictor.predict(image).labels
         self.confusion.update(labels, pred)
-        if batch_idx < self.config["tracking"]["sample_images"]:
+        if batch_idx < self.config.tracking.sample_images:
             self.samples.append(
                 np.concatenate(
                     [overlay(image, labels, self.tree), overlay(image, pred, self.tree)], 1
@@ -155,15 +166,15 @@ class SegmentationTask(L.LightningModule):
         self.log("val/pixel_accuracy", scores["pixel_accuracy"] or 0.0, sync_dist=True)
 
     def configure_optimizers(self):
-        o = self.config["optim"]
+        o = self.config.optim
         encoder = set(self.model.net.encoder.parameters())
         groups = [
-            {"params": [p for p in self.model.parameters() if p in encoder], "lr": o["encoder_lr"]},
-            {"params": [p for p in self.model.parameters() if p not in encoder], "lr": o["lr"]},
+            {"params": [p for p in self.model.parameters() if p in encoder], "lr": o.encoder_lr},
+            {"params": [p for p in self.model.parameters() if p not in encoder], "lr": o.lr},
         ]
-        optimizer = torch.optim.AdamW(groups, weight_decay=o["weight_decay"])
+        optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = lr_schedule(o["schedule"], o["warmup_steps"], total, o["min_lr_ratio"])
+        schedule = lr_schedule(o.schedule, o.warmup_steps, total, o.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,
@@ -171,12 +182,7 @@ class SegmentationTask(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "version": __version__,
-            "model": self.model.config(),
-            "long_side": self.config["data"]["val_long_side"],
-            "train_size": self.config["data"]["crop_size"],
-        }
+        checkpoint[METADATA_KEY] = self.spec().to_json()
 
 
 def lr_schedule(kind: str, warmup: int, total: int, min_ratio: float):
@@ -308,12 +314,12 @@ class RunLogger(MLFlowLogger):
             super().log_hyperparams(params)
 
 
-def run_dir(config: dict[str, Any]) -> Path:
-    return Path(config["out_dir"]) / config["name"]
+def run_dir(config: Config) -> Path:
+    return Path(config.out_dir) / str(config.name)
 
 
-def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Trainer:
-    t = config["trainer"]
+def build_trainer(config: Config, folder: Path, track: bool) -> L.Trainer:
+    t = config.trainer
     callbacks: list[Callback] = [
         ModelCheckpoint(
             dirpath=folder,
@@ -323,23 +329,23 @@ def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Traine
             save_top_k=1,
             enable_version_counter=False,
         ),
-        SaveLast(folder / "last.ckpt", t["checkpoint_every_n_steps"]),
+        SaveLast(folder / "last.ckpt", t.checkpoint_every_n_steps),
         History(folder / "history.csv"),
     ]
-    if not t["progress_bar"]:
-        callbacks.append(LogProgress(t["log_every_n_steps"]))
-    if t["early_stopping_patience"]:
+    if not t.progress_bar:
+        callbacks.append(LogProgress(t.log_every_n_steps))
+    if t.early_stopping_patience:
         callbacks.append(
-            EarlyStopping(monitor="val/score", mode="max", patience=t["early_stopping_patience"])
+            EarlyStopping(monitor="val/score", mode="max", patience=t.early_stopping_patience)
         )
     logger: Any = False
     if track:
         id_file = folder / "mlflow_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else None
         logger = RunLogger(
-            experiment_name=config["tracking"]["experiment"],
-            run_name=config["name"],
-            tracking_uri=config["tracking"]["uri"],
+            experiment_name=config.tracking.experiment,
+            run_name=config.name,
+            tracking_uri=config.tracking.uri,
             run_id=run_id,
             resumed=run_id is not None,
         )
@@ -347,15 +353,15 @@ def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Traine
         id_file.write_text(logger.run_id)
         callbacks.append(SampleImages())
     return L.Trainer(
-        accelerator=t["accelerator"],
-        devices=t["devices"],
-        num_nodes=t["num_nodes"],
-        strategy=t["strategy"],
-        precision=t["precision"],
-        max_epochs=t["max_epochs"],
-        limit_train_batches=t["limit_train_batches"],
-        log_every_n_steps=t["log_every_n_steps"],
-        enable_progress_bar=t["progress_bar"],
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,  # type: ignore[arg-type]  # Lightning checks the name
+        max_epochs=t.max_epochs,
+        limit_train_batches=t.limit_train_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
         logger=logger,
         plugins=[AtomicCheckpointIO()],
@@ -365,32 +371,41 @@ def build_trainer(config: dict[str, Any], folder: Path, track: bool) -> L.Traine
     )
 
 
-def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLoader, Dataset]:
-    d = config["data"]
-    train_data = open_dataset(d["root"], d["train_split"], d["format"])
-    if d["drop"]:
-        if not Path(d["drop"]).is_file():
-            raise DatasetError(f"{d['drop']}: no such file (data.drop, the train ids to leave out)")
-        dropped = read_id_list(d["drop"])
+def build_loaders(config: Config, mean, std) -> tuple[DataLoader, DataLoader, Dataset]:
+    d = config.data
+    assert d.root is not None, "load_config requires data.root"
+    train_data = open_dataset(d.root, d.train_split, d.format)
+    if d.drop:
+        if not Path(d.drop).is_file():
+            raise DatasetError(f"{d.drop}: no such file (data.drop, the train ids to leave out)")
+        dropped = read_id_list(d.drop)
         train_data.drop(dropped)
-        rank_zero_info(f"data.drop: {len(set(dropped))} train ids in {d['drop']} left out")
-    val_data = open_dataset(d["root"], d["val_split"], d["format"])
+        rank_zero_info(f"data.drop: {len(set(dropped))} train ids in {d.drop} left out")
+    val_data = open_dataset(d.root, d.val_split, d.format)
     transform = train_transform(
-        d["crop_size"],
-        scale=tuple(d["scale"]),
-        person_crop_prob=d["person_crop_prob"],
-        rotate_deg=d["rotate_deg"],
-        hflip=d["hflip"],
-        color=d["color"],
-        seed=config["seed"],
+        d.crop_size,
+        scale=(d.scale[0], d.scale[1]),
+        person_crop_prob=d.person_crop_prob,
+        rotate_deg=d.rotate_deg,
+        hflip=d.hflip,
+        color=d.color,
+        seed=config.seed,
+        # crops centre on what is not background in this tree (extra sets are relabelled to it)
+        background_value=train_data.tree.background.value,
     )
-    extra = [open_dataset(e["root"], e["split"], e["format"]) for e in d["extra"]]
-    workers = d["num_workers"]
+    extra = [open_dataset(e.root, e.split, e.format) for e in d.extra]
+    workers = d.num_workers
+    train_sets = ConcatDataset(
+        [TrainSet(data, transform, mean, std, train_data.tree) for data in [train_data, *extra]]
+    )
+    if len(train_sets) < d.batch_size:  # every batch would be dropped: nothing would train
+        raise ConfigError(
+            f"config key 'data.batch_size' is {d.batch_size}, but the training set has only "
+            f"{len(train_sets)} image(s)"
+        )
     train = DataLoader(
-        ConcatDataset(
-            [TrainSet(data, transform, mean, std, train_data.tree) for data in [train_data, *extra]]
-        ),
-        batch_size=d["batch_size"],
+        train_sets,
+        batch_size=d.batch_size,
         shuffle=True,
         num_workers=workers,
         drop_last=True,
@@ -398,7 +413,7 @@ def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLo
         worker_init_fn=transform.reseed_worker if workers else None,
     )
     val = DataLoader(
-        ValSet(val_data, d["val_long_side"], mean, std, d["limit_val_images"]),
+        ValSet(val_data, d.limit_val_images),
         batch_size=1,
         num_workers=workers,
         collate_fn=_single,
@@ -410,9 +425,10 @@ def build_loaders(config: dict[str, Any], mean, std) -> tuple[DataLoader, DataLo
 def init_weights(task: SegmentationTask, checkpoint: str | Path) -> None:
     """Start ``task`` from a trained checkpoint's weights (fine-tuning); the optimiser, schedule
     and epoch count start afresh. The checkpoint must hold the same model and tree."""
-    model, meta = load_checkpoint(checkpoint)
-    want = {k: v for k, v in task.model.config().items() if k in ("arch", "encoder", "decoder")}
-    have = {k: meta["model"].get(k) for k in want}
+    model, spec = load_checkpoint(checkpoint)
+    ours = task.spec()
+    want = {"arch": ours.arch, "encoder": ours.encoder, "decoder": dict(ours.decoder)}
+    have = {"arch": spec.arch, "encoder": spec.encoder, "decoder": dict(spec.decoder)}
     if have != want or not model.tree.same_as(task.tree):
         raise ValueError(
             f"{checkpoint}: model.init needs the same model and tree; it holds {have}, "
@@ -421,25 +437,92 @@ def init_weights(task: SegmentationTask, checkpoint: str | Path) -> None:
     task.model.load_state_dict(model.state_dict())
 
 
-def train(config: dict[str, Any], resume: bool = False, track: bool = True) -> SegmentationTask:
-    """Train from a config dict; checkpoints go to :func:`run_dir`. Returns the trained task."""
+class TrainingError(HisegError, RuntimeError):
+    """A run cannot start or continue: nothing to resume, a run already there, a bad checkpoint."""
+
+
+def check_model_names(config: Config) -> None:
+    """Unknown architecture or encoder names fail before any data is read."""
+    m = config.model
+    if m.arch.lower() not in ARCHITECTURES:
+        known = ", ".join(ARCHITECTURES)
+        raise ConfigError(f"config key 'model.arch': unknown architecture '{m.arch}' ({known})")
+    try:
+        preprocessing(m.encoder)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.encoder': {err}") from None
+
+
+def prepare_run_dir(folder: Path) -> None:
+    """Create the run folder and write to it, so an unwritable ``out_dir`` fails before the first
+    step; and delete the temporary checkpoints that killed runs left (see AtomicCheckpointIO)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"out_dir: cannot write checkpoints to {folder} ({reason})") from None
+    for tmp in folder.glob(".*.ckpt.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_resumable(last: Path) -> None:
+    """``last.ckpt`` loads (safely, no code from the file) and holds a training state."""
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:200]
+        raise TrainingError(
+            f"{last}: cannot resume, the checkpoint is unreadable or corrupt "
+            f"({type(err).__name__}: {reason}); delete it to start over, or restore a copy"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "loops"} <= set(checkpoint):
+        raise TrainingError(
+            f"{last}: cannot resume, not a training checkpoint of hiseg (no model or loop state)"
+        )
+
+
+def train(config: Config, resume: bool = False, track: bool = True) -> SegmentationTask:
+    """Train from a config; checkpoints go to :func:`run_dir`. Returns the trained task.
+
+    Every mistake that can be found without training (names, the run folder, the checkpoint
+    to resume, the data) is found before the first step.
+    """
     folder = run_dir(config)
     last = folder / "last.ckpt"
+    check_model_names(config)
     if resume and not last.exists():
-        raise FileNotFoundError(f"{last}: nothing to resume (no last checkpoint in {folder})")
+        raise TrainingError(f"{last}: nothing to resume (no last checkpoint in {folder})")
     if not resume and last.exists():
-        raise FileExistsError(
+        raise TrainingError(
             f"{folder} already holds a run: continue it with --resume, or choose another name "
             "(name=...) or out_dir"
         )
-    if config["trainer"]["threads"]:
-        torch.set_num_threads(int(config["trainer"]["threads"]))
-    L.seed_everything(config["seed"], workers=True, verbose=False)
-    norm = preprocessing(config["model"]["encoder"])
+    if resume:
+        check_resumable(last)
+    prepare_run_dir(folder)
+    if config.trainer.threads:
+        torch.set_num_threads(config.trainer.threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    norm = preprocessing(config.model.encoder)
     train_loader, val_loader, train_data = build_loaders(config, norm["mean"], norm["std"])
     task = SegmentationTask(config, train_data.tree.to_dict())
-    if config["model"]["init"] and not resume:
-        init_weights(task, config["model"]["init"])
+    if config.model.init and not resume:
+        init_weights(task, config.model.init)
     trainer = build_trainer(config, folder, track)
     trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if resume else None)
     return task
