@@ -164,10 +164,12 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise ImageInputError(f"{what}: holds NaN or infinite values")
-        low, top = float(array.min()), float(array.max())
-        if low < 0 or top > 255:
-            raise ImageInputError(f"{what}: values {low:g}..{top:g} outside 0..1 and 0..255")
-        values = _round_to_uint8(array * 255.0 if top <= 1.0 else array)
+        lowest, highest = float(array.min()), float(array.max())
+        if lowest < 0 or highest > 255:
+            raise ImageInputError(
+                f"{what}: values {lowest:g}..{highest:g} outside 0..1 and 0..255"
+            )
+        values = _round_to_uint8(array * 255.0 if highest <= 1.0 else array)
     else:
         raise ImageInputError(f"{what}: unsupported dtype; {EXPECTED}")
     if values.ndim == 2:

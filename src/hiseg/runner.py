@@ -259,12 +259,11 @@ class Saver:
         paths = self.claim(stem, lambda s: self.image_names(s, result.tree))
         levels = result.tree.levels if self.levels else []
         try:
-            publish(paths[0], lambda tmp: Image.fromarray(result.labels).save(tmp, "PNG"))
+            publish(paths[0], png_writer(result.labels))
             picture = Image.fromarray(result.overlay())
             publish(paths[1], lambda tmp: picture.save(tmp, "JPEG", quality=92))
             for level, path in zip(levels, paths[2:], strict=False):
-                mask = Image.fromarray(colorize(result.labels, result.tree, level.index))
-                publish(path, lambda tmp, mask=mask: mask.save(tmp, "PNG"))
+                publish(path, png_writer(colorize(result.labels, result.tree, level.index)))
             if self.summary_path:
                 publish(paths[-1], json_writer(result.summary()))
         except BaseException:
@@ -319,8 +318,18 @@ def publish(path: Path, write: Callable[[Path], Any]) -> Any:
     return value
 
 
+def png_writer(array: np.ndarray) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        Image.fromarray(array).save(tmp, "PNG")
+
+    return write
+
+
 def json_writer(data: Any) -> Callable[[Path], None]:
-    return lambda tmp: tmp.write_text(json.dumps(data, indent=2))
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(data, indent=2))
+
+    return write
 
 
 def _unlink(paths: list[Path]) -> None:
@@ -353,7 +362,10 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
 def frames(source: Source) -> tuple[Iterator[np.ndarray], float, int]:
     """RGB frames of a video or webcam, its frame rate and frame count (0 when unknown)."""
-    capture = cv2.VideoCapture(source.camera if source.kind == "webcam" else str(source.path))
+    if source.camera is not None:
+        capture = cv2.VideoCapture(source.camera)
+    else:
+        capture = cv2.VideoCapture(str(source.path))
     if not capture.isOpened():
         raise ImageReadError(str(source), "cannot open the video or camera")
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
