@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 
@@ -184,3 +185,83 @@ def test_fpn_merge_adds_like_smp():
     assert isinstance(model.net.decoder.merge, AddMerge)
     x = [torch.randn(2, 8, 5, 7) for _ in range(4)]
     torch.testing.assert_close(model.net.decoder.merge(x), MergeBlock("add")(x))
+
+
+# -- checkpoints: the spec, old ones, and no code run on load ------------------------------------
+
+
+def _checkpoint(path, model, stored) -> None:
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 1, "state_dict": state, "hiseg": stored}, path)
+
+
+def test_new_and_old_checkpoints_load_with_their_spec(tree, tmp_path):
+    model = create_model("fpn", LITE0, tree, pretrained=False, decoder=NARROW_FPN).eval()
+    spec = model.spec(long_side=256, train_size=192)
+    legacy = {  # what hiseg 0.1 (and a training started with it) writes
+        "version": "0.1.0",
+        "model": {
+            "arch": "fpn",
+            "encoder": f"tu-{LITE0}",
+            "decoder": NARROW_FPN,
+            "tree": tree.to_dict(),
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "output_stride": 32,
+        },
+        "long_side": 256,
+        "train_size": 192,
+    }
+    x = torch.randn(1, 3, 64, 96)
+    for name, stored in [("new.ckpt", spec.to_json()), ("old.ckpt", legacy)]:
+        _checkpoint(tmp_path / name, model, stored)
+        loaded, got = models.load_checkpoint(tmp_path / name)
+        assert dataclasses.replace(got, hiseg_version="") == dataclasses.replace(
+            spec, hiseg_version=""
+        )
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+
+
+class _Payload:
+    """Unpickling this calls ``_payload_ran``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_payload_ran, (self.marker,))
+
+
+def _payload_ran(marker: str) -> None:
+    with open(marker, "w") as f:
+        f.write("code from the checkpoint ran")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tree, tmp_path):
+    model = create_model("fpn", LITE0, tree, pretrained=False)
+    marker = tmp_path / "ran"
+    path = tmp_path / "hostile.ckpt"
+    _checkpoint(path, model, model.spec(256).to_json())
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["callbacks"] = {"x": _Payload(marker)}
+    torch.save(checkpoint, path)
+    with pytest.raises(
+        models.ModelError, match=r"hostile\.ckpt: refused, .* would call .*_payload_ran"
+    ):
+        models.load_checkpoint(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"not a checkpoint", "not a readable checkpoint"), (None, "no such checkpoint")],
+)
+def test_unreadable_checkpoints_are_one_clear_error(tmp_path, content, reason):
+    path = tmp_path / "bad.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(models.ModelError, match=reason):
+        models.load_checkpoint(path)

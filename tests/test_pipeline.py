@@ -8,6 +8,8 @@ stretched, mirrored or nearest-neighbour step shows as an error far above the to
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
@@ -17,9 +19,17 @@ import pytest
 
 from hiseg.errors import HisegError
 from hiseg.images import ImageReadError
-from hiseg.pipeline import Geometry, Probabilities, letterbox, prepare, restore, softmax
-from hiseg.predictor import Backend, Predictor, Result
-from hiseg.spec import ModelSpec
+from hiseg.pipeline import (
+    Geometry,
+    Probabilities,
+    batch_softmax,
+    letterbox,
+    prepare,
+    restore,
+    softmax,
+)
+from hiseg.predictor import Backend, Predictor, Result, resolve_model
+from hiseg.spec import METADATA_KEY, SCHEMA_VERSION, ModelError, ModelSpec
 from hiseg.taxonomy import load_tree
 
 TREE = load_tree("pascal-person-part")  # 7 leaves, values 0..6 in channel order
@@ -105,6 +115,8 @@ def test_restore_is_bilinear_from_the_resized_area():
     probs = softmax(logits.copy())[:, :24, :18]
     want = cv2.resize(probs.transpose(1, 2, 0), (47, 61), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(restore(logits, geometry), want.transpose(2, 0, 1), atol=1e-6)
+    batch = rng.normal(size=(2, 7, 100, 9)).astype(np.float32)
+    np.testing.assert_allclose(batch_softmax(batch.copy(), 3), softmax(batch, 1), atol=1e-7)
 
 
 # -- decoding -------------------------------------------------------------------------------
@@ -131,7 +143,7 @@ def test_decoding_picks_the_likeliest_node_at_every_level():
     likeliest_at_every_level(probs, TREE.decode(probs))
 
 
-@pytest.mark.parametrize("hw", [(61, 47), (9, 7), (24, 18)])
+@pytest.mark.parametrize("hw", [(61, 47), (9, 7), (24, 18), (150, 113)])
 def test_fast_decoding_equals_decoding_the_full_map(hw):
     """:class:`Probabilities` decodes at network resolution and interpolates only where the four
     sources disagree; the labels are those of the full bilinear map."""
@@ -143,6 +155,8 @@ def test_fast_decoding_equals_decoding_the_full_map(hw):
     full = lazy.full()
     assert full.shape == (7, *hw)
     assert (labels == TREE.decode(full)).mean() > 0.9995
+    np.testing.assert_array_equal(lazy.decode(TREE, threads=3), labels)  # in bands of rows
+    np.testing.assert_array_equal(Probabilities.from_full(full).decode(TREE, 3), TREE.decode(full))
     mask = rng.random(hw) < 0.2
     np.testing.assert_allclose(lazy[:, mask], full[:, mask], atol=1e-6)
 
@@ -271,3 +285,66 @@ def test_prediction_modules_never_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# -- the model spec --------------------------------------------------------------------------
+
+
+def test_spec_round_trips_through_json():
+    original = spec(320, 32)
+    again = ModelSpec.from_json(original.to_json())
+    assert again == original and again.tree.same_as(TREE) and again.schema == SCHEMA_VERSION
+    assert again != dataclasses.replace(original, long_side=321)
+
+
+@pytest.mark.parametrize(
+    ("name", "long_side", "leaves", "clean"),
+    [("pascal-person-part", 512, 7, 0), ("person", 320, 2, 1000)],
+)
+def test_bundled_models_legacy_metadata_is_read(name, long_side, leaves, clean):
+    """The bundled files carry hiseg 0.1's untyped dict (schema 0): read as a spec."""
+    import onnxruntime as ort
+
+    path = resolve_model(name)
+    raw = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map[METADATA_KEY]
+    assert "schema" not in json.loads(raw)  # really the old format
+    loaded = ModelSpec.from_json(raw, source=str(path))
+    assert (loaded.arch, loaded.encoder) == ("fpn", "tu-tf_efficientnet_lite0")
+    assert (loaded.long_side, loaded.train_size, loaded.num_leaves) == (long_side, 320, leaves)
+    assert (loaded.precision, loaded.default_clean, loaded.output_stride) == ("int8", clean, 32)
+    assert loaded.mean == loaded.std == (0.5, 0.5, 0.5) and loaded.tree.name == name
+    assert ModelSpec.from_json(loaded.to_json()) == loaded  # and written in the new one
+
+
+def broken(change) -> str:
+    data = spec().to_dict()
+    change(data)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        (broken(lambda d: d.pop("long_side")), "lacks field(s) long_side"),
+        (broken(lambda d: d.update(long_side="512")), "'long_side' must be a whole number"),
+        (broken(lambda d: d.update(long_side=True)), "'long_side' must be a whole number"),
+        (broken(lambda d: d.update(mean=[0.5, 0.5])), "'mean' must be three numbers"),
+        (broken(lambda d: d.update(std=[0.5, 0.0, 0.5])), "'std' must be three numbers above 0"),
+        (broken(lambda d: d.update(precision="fp8")), "'precision' must be fp32 or fp16 or int8"),
+        (broken(lambda d: d.update(default_clean=-1)), "'default_clean' must be a whole number"),
+        (broken(lambda d: d.update(decoder=[1])), "'decoder' must be an object"),
+        (broken(lambda d: d.update(tree={"name": "x"})), "a tree needs a 'nodes' list"),
+        (broken(lambda d: d.update(colour=1)), "unknown field(s) colour"),
+        (broken(lambda d: d.update(schema=SCHEMA_VERSION + 1)), "written by a newer hiseg"),
+        (broken(lambda d: d.update(schema="1")), "'schema' must be a whole number"),
+        ('{"version": "0.1.0", "long_side": 512}', "lacks the 'model' object"),
+    ],
+)
+def test_a_malformed_spec_is_one_clear_model_error(text, reason):
+    with pytest.raises(ModelError) as caught:
+        ModelSpec.from_json(text, source="some/model.onnx")
+    message = str(caught.value)
+    assert isinstance(caught.value, HisegError)
+    assert message.startswith("some/model.onnx: ") and reason in message and "\n" not in message

@@ -180,14 +180,18 @@ def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(
-            f"{path}: refused, it holds more than tensors and plain values ({reason})"
-        ) from None
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe:
+            raise ModelError(
+                f"{path}: refused, it holds more than tensors and plain values (loading it would "
+                f"call {unsafe.group(1)})"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+        reason = detail.group(1).strip() if detail else type(err).__name__
+        raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise ModelError(
-            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
-        ) from None
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or METADATA_KEY not in checkpoint:
         raise ModelError(f"{path}: not a hiseg checkpoint (no '{METADATA_KEY}' metadata)")
     stored = checkpoint[METADATA_KEY]

@@ -20,8 +20,13 @@ whose sources disagree (the borders between regions); full-size maps are made on
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
 import numpy as np
@@ -75,10 +80,46 @@ def prepare(
 
 
 def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
-    z = logits - logits.max(axis=axis, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=axis, keepdims=True)
-    return z
+    return softmax_in_place(logits.astype(np.float32, copy=True), axis)
+
+
+def softmax_in_place(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Overwrites ``logits`` (float32, may be a view): no full-size allocation, whose first
+    touch costs more than the arithmetic."""
+    logits -= logits.max(axis=axis, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=axis, keepdims=True)
+    return logits
+
+
+def batch_softmax(logits: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Softmax over the channels of (B, C, H, W) logits, in place, in ``threads`` bands of rows
+    at once."""
+    in_bands(lambda a, b: softmax_in_place(logits[:, :, a:b], axis=1), logits.shape[2], threads)
+    return logits
+
+
+_T = TypeVar("_T")
+#: Bands thinner than this are not worth a thread.
+MIN_BAND_ROWS = 32
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def in_bands(fn: Callable[[int, int], _T], rows: int, threads: int) -> list[_T]:
+    """``fn(start, stop)`` on up to ``threads`` bands of ``rows``, concurrently (NumPy and
+    OpenCV release the GIL), in order. The per-pixel steps around the network then use the
+    cores the network uses."""
+    bands = max(1, min(threads, rows // MIN_BAND_ROWS))
+    if bands == 1:
+        return [fn(0, rows)]
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="hiseg")
+    edges = np.linspace(0, rows, bands + 1).round().astype(int).tolist()
+    futures = [_pool.submit(fn, a, b) for a, b in pairwise(edges)]
+    return [f.result() for f in futures]
 
 
 def restore(logits: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -155,24 +196,35 @@ class Probabilities:
         ys, xs = np.nonzero(mask)
         return self._interpolate(ys, xs)
 
-    def decode(self, tree: Tree) -> np.ndarray:
-        """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc)."""
+    def decode(self, tree: Tree, threads: int = 1) -> np.ndarray:
+        """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc), in
+        ``threads`` bands of rows at once."""
         if self._full is not None:
-            return tree.decode(self._full)
+            full = self._full
+            return np.concatenate(
+                in_bands(lambda a, b: tree.decode(full[:, a:b]), len(full[0]), threads)
+            )
         assert self._small is not None and self._geometry is not None
-        small_labels = tree.decode(self._small)
+        small = self._small
+        bands = in_bands(lambda a, b: tree.decode(small[:, a:b]), small.shape[1], threads)
+        small_labels = np.concatenate(bands)
         (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
         y0, y1, _ = _taps(oh, rh)
         x0, x1, _ = _taps(ow, rw)
-        top, bottom = small_labels[y0], small_labels[y1]
-        labels = top[:, x0]
-        mixed = labels != top[:, x1]
-        mixed |= labels != bottom[:, x0]
-        mixed |= labels != bottom[:, x1]
-        ys, xs = np.nonzero(mixed)
-        if len(ys):
-            labels[ys, xs] = tree.decode(self._interpolate(ys, xs)[:, :, None])[:, 0]
-        return labels
+
+        def band(start: int, stop: int) -> np.ndarray:
+            top, bottom = small_labels[y0[start:stop]], small_labels[y1[start:stop]]
+            labels = top[:, x0]
+            mixed = labels != top[:, x1]
+            mixed |= labels != bottom[:, x0]
+            mixed |= labels != bottom[:, x1]
+            ys, xs = np.nonzero(mixed)
+            if len(ys):
+                probs = self._interpolate(ys + start, xs)
+                labels[ys, xs] = tree.decode(probs[:, :, None])[:, 0]
+            return labels
+
+        return np.concatenate(in_bands(band, oh, threads))
 
     def _interpolate(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Bilinear probabilities (as ``cv2.resize`` makes them) at output pixels (ys, xs)."""
@@ -180,9 +232,15 @@ class Probabilities:
         (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
         y0, y1, wy = (t[ys] for t in _taps(oh, rh))
         x0, x1, wx = (t[xs] for t in _taps(ow, rw))
-        p = self._small
-        top = p[:, y0, x0] * (1 - wx) + p[:, y0, x1] * wx
-        bottom = p[:, y1, x0] * (1 - wx) + p[:, y1, x1] * wx
+        flat = self._small.reshape(len(self._small), -1)
+        y0 *= rw
+        y1 *= rw
+
+        def at(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+            return flat.take(rows + cols, axis=1)
+
+        top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+        bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
         return top * (1 - wy) + bottom * wy
 
 

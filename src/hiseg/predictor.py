@@ -26,7 +26,7 @@ import numpy as np
 from hiseg.data import MIN_REGION_PIXELS, person_regions
 from hiseg.errors import HisegError
 from hiseg.images import ImageLike, as_rgb
-from hiseg.pipeline import Geometry, Probabilities, prepare, softmax
+from hiseg.pipeline import Geometry, Probabilities, batch_softmax, prepare
 from hiseg.postprocess import clean_labels
 from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 from hiseg.taxonomy import Tree
@@ -246,6 +246,7 @@ class Predictor:
         zoom_weight: float = 0.5,
         clean: int | None = None,
         batch_size: int = BATCH_SIZE,
+        threads: int | None = None,
     ):
         if not backends:
             raise ModelError("no model given")
@@ -267,6 +268,8 @@ class Predictor:
         # min region size in pixels for hiseg.postprocess; 0 = off; None = the model's default
         self.clean = backends[0].spec.default_clean if clean is None else clean
         self.batch_size = max(1, batch_size)
+        # the per-pixel steps around the network run in this many bands at once
+        self.threads = _threads(threads)
 
     # -- probabilities ----------------------------------------------------------------------
 
@@ -307,7 +310,11 @@ class Predictor:
                 for members in groups.values():
                     for start in range(0, len(members), self.batch_size):
                         chunk = members[start : start + self.batch_size]
-                        probs = self._run(backend, np.stack([inputs[i][0] for i in chunk]))
+                        x = np.stack([inputs[i][0] for i in chunk]) if len(chunk) > 1 else None
+                        x = inputs[chunk[0]][0][None] if x is None else x
+                        sizes = [inputs[i][1].resized_hw for i in chunk]
+                        hw = (max(h for h, _ in sizes), max(w for _, w in sizes))
+                        probs = self._run(backend, x, hw)
                         for i, p in zip(chunk, probs, strict=True):
                             geometry = inputs[i][1]
                             rh, rw = geometry.resized_hw
@@ -326,16 +333,20 @@ class Predictor:
             looks.append([Probabilities.from_network(p, g) for (_, g), p in image_sums.items()])
         return looks
 
-    def _run(self, backend: Backend, x: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) -> (B, leaves, H, W) probabilities, flip TTA averaged in."""
-        if not self.flip:
-            return softmax(backend.run(x), axis=1)
-        probs = softmax(
-            backend.run(np.ascontiguousarray(np.concatenate([x, x[..., ::-1]]))), axis=1
-        )
+    def _run(self, backend: Backend, x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """(B, 3, H, W) -> (B, leaves, h, w) probabilities of the top-left ``hw`` (the resized
+        images, without the padding the softmax need not see), flip TTA averaged in."""
         n = len(x)
+        if self.flip:
+            x = np.concatenate([x, x[..., ::-1]])
+        logits = backend.run(x)
+        if self.flip:
+            logits[n:] = logits[n:, ..., ::-1].copy()  # mirrored back
+        probs = batch_softmax(logits[..., : hw[0], : hw[1]], self.threads)
+        if not self.flip:
+            return probs
         out = probs[:n]
-        out += probs[n:, ..., ::-1]
+        out += probs[n:]
         out /= 2
         return out
 
@@ -419,7 +430,7 @@ class Predictor:
                 probs = looks[0]
             else:
                 probs = Probabilities.from_full(self._refined(image, _full(looks)))
-            labels = probs.decode(self.tree)
+            labels = probs.decode(self.tree, self.threads)
             if self.clean:
                 labels = clean_labels(probs, labels, self.tree, self.clean)
             results.append(Result(image, labels, self.tree, path, probs))
@@ -442,7 +453,14 @@ def load(
     names = [model] if model is None or isinstance(model, (str, Path)) else list(model)
     backends = [load_backend(name, backend, threads) for name in names]
     return Predictor(
-        backends, long_side=long_side, flip=flip, scales=scales, tile=tile, zoom=zoom, clean=clean
+        backends,
+        long_side=long_side,
+        flip=flip,
+        scales=scales,
+        tile=tile,
+        zoom=zoom,
+        clean=clean,
+        threads=threads,
     )
 
 
