@@ -204,7 +204,8 @@ def test_a_batch_with_bad_inputs_goes_on_and_lists_them(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     good = photo(src / "good.jpg")
-    bomb = png(src / "bomb.png", 100_000, 100_000, rows=1)
+    bomb = png(src / "bomb.png", 100_000, 100_000, rows=1)  # a header claiming 10 Gpx
+    zlib_bomb = png(src / "zbomb.png", 20_000, 20_000, bit_depth=1)  # 400 Mpx of real zeros
     (src / "notes.jpg").write_text("not an image")
     (src / "loop.jpg").symlink_to("loop.jpg")
     out = tmp_path / "out"
@@ -213,6 +214,7 @@ def test_a_batch_with_bad_inputs_goes_on_and_lists_them(tmp_path):
     assert "Traceback" not in result.output
     failures = {
         str(bomb): "image is over",
+        str(zlib_bomb): "image is over",
         str(src / "notes.jpg"): "not an image",
         str(src / "loop.jpg"): "symbolic link loop",
         str(tmp_path / "missing.jpg"): "file not found",
@@ -220,11 +222,13 @@ def test_a_batch_with_bad_inputs_goes_on_and_lists_them(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     listed = {f["input"]: f["reason"] for f in summary["failed"]}
     assert listed.keys() == failures.keys()
+    for name in (bomb, zlib_bomb):
+        assert "over the 100 Mpx limit" in listed[str(name)]
     for name, reason in failures.items():
         assert reason in listed[name]
         assert f"✗ {name}: {reason}" in result.output
     assert [item["image"] for item in summary["images"]] == [str(good)]
-    assert (out / "good.png").is_file() and "segmented 1 of 3 input(s)" in result.output
+    assert (out / "good.png").is_file() and "segmented 1 of 4 input(s)" in result.output
 
 
 def test_user_mistakes_are_one_line_without_traceback(tmp_path, monkeypatch):
