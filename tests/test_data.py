@@ -1,10 +1,10 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from synthetic import make_folder_dataset, make_pascal_layout
 from typer.testing import CliRunner
 
 from hiseg.cli import app
@@ -42,28 +42,18 @@ def test_person_folder_reader(picsart_root):
     assert set(np.unique(labels)) == {0, 1}  # 0/255 files read as leaf values 0/1
 
 
-def test_unknown_split_and_layout_are_named(pascal_root, tmp_path):
+def test_unknown_split_and_layout_are_named(tmp_path):
+    make_pascal_layout(tmp_path / "ppp", n=2)
+    (tmp_path / "ppp" / "train_id.txt").write_text("2099_000000\n")
     with pytest.raises(DatasetError, match=r"no split 'test'.*splits: \['train', 'val'\]"):
-        open_dataset(pascal_root, "test")
+        open_dataset(tmp_path / "ppp", "test")
     with pytest.raises(DatasetError, match="unknown dataset layout"):
         open_dataset(tmp_path, "val")
 
 
-def make_pascal_copy(pascal_root, dest, n=6):
-    """A small copy of the val split in a temp dir, to corrupt."""
-    ids = (pascal_root / "val_id.txt").read_text().split()[:n]
-    (dest / "JPEGImages").mkdir(parents=True)
-    (dest / "gt_masks").mkdir()
-    for sid in ids:
-        shutil.copy(pascal_root / "JPEGImages" / f"{sid}.jpg", dest / "JPEGImages")
-        shutil.copy(pascal_root / "gt_masks" / f"{sid}.png", dest / "gt_masks")
-    (dest / "val_id.txt").write_text("\n".join(ids) + "\n")
-    return ids
-
-
-def test_check_reports_every_problem_by_name(pascal_root, tmp_path):
+def test_check_reports_every_problem_by_name(tmp_path):
     root = tmp_path / "ppp"
-    ids = make_pascal_copy(pascal_root, root)
+    ids = make_pascal_layout(root)
     result = runner.invoke(app, ["data", "check", str(root)])
     assert result.exit_code == 0, result.output
     assert "6 samples, ok" in result.output
@@ -137,8 +127,8 @@ def test_stats_on_real_val(pascal_root, tmp_path):
     assert json.loads((tmp_path / "pascal-person-part_val.json").read_text()) == summary
 
 
-def test_eval_prediction_dir(pascal_root, tmp_path):
-    ids = make_pascal_copy(pascal_root, tmp_path / "ppp", n=5)
+def test_eval_prediction_dir(tmp_path):
+    ids = make_pascal_layout(tmp_path / "ppp", n=5)
     ds = open_dataset(tmp_path / "ppp", "val")
     preds = tmp_path / "preds"
     preds.mkdir()
@@ -157,3 +147,43 @@ def test_eval_prediction_dir(pascal_root, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert ids[3] in result.output and "no prediction" in result.output
+
+
+def check(*args: str):
+    return runner.invoke(app, ["data", "check", *map(str, args)])
+
+
+def test_check_never_passes_while_checking_nothing(tmp_path):
+    """A --format that does not fit the folder, an unknown one, a layout without split lists
+    and an empty split list each fail, naming why; before, some returned 0 having checked
+    nothing."""
+    root = tmp_path / "ppp"
+    make_pascal_layout(root, n=2)
+    assert check(root).exit_code == 0
+    for fmt, message in [
+        ("person-folder", "not a person-folder dataset (expected <split>/ + <split>_mask/"),
+        ("folder", "not a folder dataset (expected images/ + masks/ + tree.yaml)"),
+        ("pascal", "unknown format 'pascal' (known: auto, pascal-person-part, person-folder"),
+    ]:
+        result = check(root, "--format", fmt)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), fmt
+    (root / "val_id.txt").write_text("# no ids yet\n")
+    result = check(root)
+    assert result.exit_code == 1 and "val_id.txt: split 'val' has no samples" in result.output
+    result = runner.invoke(app, ["data", "stats", str(root), "--out", str(tmp_path / "stats")])
+    assert result.exit_code == 2 and "split 'val' has no samples" in result.output
+    (root / "val_id.txt").unlink()
+    result = check(root)
+    assert result.exit_code == 2 and "no splits in this pascal-person-part dataset" in " ".join(
+        result.output.split()
+    )
+
+
+def test_check_flags_ids_listed_twice(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n_train=3, n_val=1)
+    ids = (data / "train.txt").read_text().split()
+    (data / "train.txt").write_text("\n".join([*ids, ids[1], ids[1]]) + "\n")
+    problems = check_dataset(open_dataset(data, "train"))
+    assert [str(p) for p in problems] == [f"{data / 'train.txt'}: id '{ids[1]}' is listed 3 times"]
+    result = check(data, "--split", "train")
+    assert result.exit_code == 1 and f"id '{ids[1]}' is listed 3 times" in result.output

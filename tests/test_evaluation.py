@@ -1,4 +1,5 @@
-"""Model evaluation, TTA, tiling, zoom-in and reports, on real images and a tiny trained model."""
+"""Model evaluation, TTA, tiling, zoom-in and reports, on synthetic images and a tiny model
+trained on them; scoring a folder of predictions and naming every bad one."""
 
 import json
 from itertools import pairwise
@@ -6,11 +7,19 @@ from itertools import pairwise
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import make_pascal_layout, scene
+from typer.testing import CliRunner
 
 import hiseg
+from hiseg.cli import app
 from hiseg.data import SIZE_BUCKETS, open_dataset, person_regions, size_bucket
-from hiseg.evaluation import BUCKET_NAMES, evaluate_model, score_prediction_dir, size_bucket_map
-from hiseg.images import read_image
+from hiseg.evaluation import (
+    BUCKET_NAMES,
+    EvaluationError,
+    evaluate_model,
+    score_prediction_dir,
+    size_bucket_map,
+)
 from hiseg.metrics import ConfusionMatrix
 from hiseg.predictor import Predictor, _window_starts
 from hiseg.taxonomy import load_tree
@@ -22,8 +31,9 @@ def predictor(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def photo(pascal_root):
-    return read_image(pascal_root / "JPEGImages" / "2008_000067.jpg")
+def photo():
+    """A 500 x 375 picture of drawn people: larger than the model side (160), so tiles."""
+    return scene(500, 375, np.random.default_rng(67), people=3)[0]
 
 
 def counting(predictor: Predictor) -> list[tuple[int, int]]:
@@ -107,10 +117,10 @@ def test_size_bucket_map_charges_spill_to_the_nearest_person():
     assert sorted(size_bucket(s) for s in shares) == ["<1%", ">20%"]
 
 
-def test_evaluate_model_and_report(predictor, pascal_root, tmp_path):
+def test_evaluate_model_and_report(predictor, tiny_data, tmp_path):
     from hiseg.report import write_report
 
-    dataset = open_dataset(pascal_root, "val")
+    dataset = open_dataset(tiny_data, "train")
     dataset.samples = dataset.samples[:6]
     model = Predictor(predictor.backends, flip=True, zoom=True)
     ticks = []
@@ -147,8 +157,10 @@ def test_evaluate_model_and_report(predictor, pascal_root, tmp_path):
     assert "IoU by person size" in text and result.worst[0].id in text
 
 
-def test_a_part_model_is_scored_on_person_masks_as_person_vs_background(predictor, picsart_root):
-    dataset = open_dataset(picsart_root, "valid")
+def test_a_part_model_is_scored_on_person_masks_as_person_vs_background(
+    predictor, tiny_person_data
+):
+    dataset = open_dataset(tiny_person_data, "valid")
     dataset.samples = dataset.samples[:4]
     scores = evaluate_model(predictor, dataset).scores()
     assert scores["tree"] == "person" and list(scores["levels"]) == ["0"]
@@ -182,13 +194,9 @@ def test_log_report_to_mlflow(tmp_path, monkeypatch):
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/report.md"]
 
 
-def test_cli_eval_across_trees_lists_the_worst_images(tiny_checkpoint, picsart_root, tmp_path):
-    from typer.testing import CliRunner
-
-    from hiseg.cli import app
-
+def test_cli_eval_across_trees_lists_the_worst_images(tiny_checkpoint, tiny_person_data, tmp_path):
     out = tmp_path / "scores.json"
-    args = ["eval", "--data", str(picsart_root), "--split", "valid", "--limit", "4"]
+    args = ["eval", "--data", str(tiny_person_data), "--split", "valid", "--limit", "4"]
     args += ["-m", str(tiny_checkpoint), "--worst", "2", "--json", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -196,3 +204,42 @@ def test_cli_eval_across_trees_lists_the_worst_images(tiny_checkpoint, picsart_r
     scores = json.loads(out.read_text())
     assert scores["tree"] == "person" and scores["n_images"] == 4
     assert len(scores["worst"]) == 2
+
+
+def test_a_prediction_folder_names_every_bad_prediction_and_ground_truth(tmp_path):
+    """Each malformed prediction is named (not only the first), and ground-truth values outside
+    the tree are reported instead of silently ignored; no score is given."""
+    ids = make_pascal_layout(tmp_path / "ppp", n=6)
+    dataset = open_dataset(tmp_path / "ppp", "val")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for sample in dataset.samples:
+        Image.fromarray(dataset.read_labels(sample)).save(preds / f"{sample.id}.png")
+    assert score_prediction_dir(dataset, preds)["levels"]["2"]["miou"] == 1.0
+
+    def edit(path, change):
+        array = np.array(Image.open(path))
+        Image.fromarray(change(array)).save(path)
+
+    edit(preds / f"{ids[0]}.png", lambda a: a[:-3])  # wrong size
+    edit(preds / f"{ids[1]}.png", lambda a: np.where(a == 2, 7, a).astype(np.uint8))  # not a leaf
+    (preds / f"{ids[2]}.png").write_bytes(b"not a png")  # unreadable
+    edit(preds / f"{ids[3]}.png", lambda a: np.dstack([a * 30, a, a]))  # colour picture
+    gt = tmp_path / "ppp" / "gt_masks" / f"{ids[4]}.png"
+    edit(gt, lambda a: np.where(a == 4, 9, a).astype(np.uint8))  # head labelled 9: not in tree
+    with pytest.raises(EvaluationError) as caught:
+        score_prediction_dir(dataset, preds)
+    message = str(caught.value)
+    assert message.startswith("5 problem(s): ") and "\n" not in message
+    assert f"{ids[0]}.png: prediction is" in message
+    assert f"{ids[1]}.png: values [7] are not leaf values" in message
+    assert f"{ids[2]}.png: " in message
+    assert f"{ids[3]}.png: mask is a colour (RGB) image" in message
+    assert f"{ids[4]}.png: ground-truth values [9] are not in tree" in message
+    assert ids[5] not in message
+
+    args = ["eval", "--data", str(tmp_path / "ppp"), "--pred-dir", str(preds)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert all(f"{sid}.png" in text for sid in ids[:5]) and "mIoU" not in text
