@@ -4,12 +4,21 @@ Thresholds sit well below the measured numbers (MODEL_CARD.md), so this fails on
 breaks (a corrupt file, wrong metadata, wrong preprocessing or decoding), not on noise.
 """
 
+import json
 import subprocess
 import sys
 
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+
 from hiseg.data import open_dataset
+from hiseg.errors import HisegError
 from hiseg.metrics import ConfusionMatrix
-from hiseg.predictor import bundled_models, load
+from hiseg.pipeline import normalize
+from hiseg.predictor import Result, bundled_models, load, resolve_model
+from hiseg.taxonomy import Tree
 
 
 def test_both_models_ship_with_the_package():
@@ -50,3 +59,58 @@ def test_default_prediction_never_imports_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def reference_labels(path, image: np.ndarray) -> np.ndarray:
+    """hiseg 0.1's prediction, written out from the raw file: its JSON metadata read by hand,
+    letterbox, normalise, run, softmax, crop, bilinear upsampling of the full map, top-down."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["hiseg"])
+    side, mean, std = meta["long_side"], meta["model"]["mean"], meta["model"]["std"]
+    h, w = image.shape[:2]
+    rh, rw = round(h * side / max(h, w)), round(w * side / max(h, w))
+    fitted = cv2.resize(
+        image, (rw, rh), interpolation=cv2.INTER_AREA if rh < h else cv2.INTER_LINEAR
+    )
+    ph, pw = -(-rh // 32) * 32, -(-rw // 32) * 32
+    padded = np.zeros((ph, pw, 3), np.uint8)
+    padded[:rh, :rw] = fitted
+    # hiseg's own arithmetic: with mean = std = 0.5 every input sits on an int8 rounding tie,
+    # so (v / 255 - mean) / std in float64 would flip the quantised input of many pixels
+    x = normalize(padded, mean, std)[None]
+    logits = session.run(None, {"image": x})[0][0, :, :rh, :rw].astype(np.float64)
+    probs = np.exp(logits - logits.max(0))
+    probs = (probs / probs.sum(0)).astype(np.float32)
+    full = cv2.resize(probs.transpose(1, 2, 0), (w, h), interpolation=cv2.INTER_LINEAR)
+    return Tree.from_dict(meta["model"]["tree"]).decode(full.reshape(h, w, -1).transpose(2, 0, 1))
+
+
+def smooth_photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A random low-frequency picture (blobs of colour), so the models see shapes."""
+    small = np.random.default_rng(seed).integers(0, 256, (6, 5, 3), np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.mark.parametrize("name", ["pascal-person-part", "person"])
+def test_bundled_models_load_as_they_are_and_predict_as_before(name):
+    """The files keep their hiseg 0.1 metadata; the fast path (decoding at network resolution)
+    gives exactly the labels of the plain full-size computation."""
+    predictor = load(name, threads=2, clean=0)
+    for h, w in [(375, 500), (333, 251), (1024, 683)]:
+        image = smooth_photo(h, w, h)
+        got = predictor.predict(image).labels
+        want = reference_labels(resolve_model(name), image)
+        np.testing.assert_array_equal(got, want, err_msg=f"{h}x{w}")
+
+
+def test_batch_equals_one_at_a_time_on_a_bundled_model(tmp_path):
+    predictor = load(threads=2, flip=True)
+    images = [smooth_photo(375, 500, 1), smooth_photo(500, 375, 2), smooth_photo(375, 500, 3)]
+    images.append(smooth_photo(200, 300, 4))
+    alone = [predictor.predict(image) for image in images]
+    batch = predictor.predict_batch([images[0], tmp_path / "gone.jpg", *images[1:]])
+    assert isinstance(batch[1], HisegError) and "gone.jpg" in str(batch[1])
+    for one, many in zip(alone, [batch[0], *batch[2:]], strict=True):
+        assert isinstance(many, Result)
+        np.testing.assert_array_equal(one.labels, many.labels)
+        np.testing.assert_allclose(one.probs, many.probs, atol=1e-5)

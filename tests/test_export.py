@@ -1,5 +1,6 @@
 """ONNX export, int8 quantisation and benchmarks of the tiny model trained in the test session."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -177,3 +178,40 @@ def test_benchmark_rows_are_timed_in_turns():
     times = _time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3, 1)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then one of each per round
     assert [len(t) for t in times] == [3, 3]
+
+
+def _with_metadata(proto, spec: ModelSpec, path):
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: spec.to_json()})
+    onnx.save(proto, path)
+    return path
+
+
+def test_an_output_that_does_not_fit_the_tree_is_a_model_error(tmp_path):
+    """Two leaves out of a network whose metadata says seven: refused on load when the graph
+    says so, else on the first run (was a reshape crash)."""
+    from hiseg.predictor import resolve_model
+    from hiseg.spec import ModelError
+    from hiseg.taxonomy import load_tree
+
+    pascal = load("pascal-person-part").backends[0].spec
+    wrong = _with_metadata(onnx.load(resolve_model("person")), pascal, tmp_path / "static.onnx")
+    with pytest.raises(ModelError, match=r"static\.onnx: the network's output 'logits' has shape"):
+        load(wrong)
+
+    # channels unknown until run: the check happens on the first output
+    image = onnx.helper.make_tensor_value_info(
+        "image", onnx.TensorProto.FLOAT, ["b", "c", "h", "w"]
+    )
+    logits = onnx.helper.make_tensor_value_info(
+        "logits", onnx.TensorProto.FLOAT, ["b", "c", "h", "w"]
+    )
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["image"], ["logits"])], "three", [image], [logits]
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    person = dataclasses.replace(pascal, tree=load_tree("person"))
+    dynamic = load(_with_metadata(proto, person, tmp_path / "dynamic.onnx"))
+    with pytest.raises(ModelError, match=r"dynamic\.onnx: the network returned shape \(1, 3, "):
+        dynamic.predict(np.zeros((40, 30, 3), np.uint8))
