@@ -127,6 +127,9 @@ def test_bad_output_locations_fail_before_any_work(tmp_path):
     }
     for out, message in cases.items():
         one_error_line(cli("predict", image, "-m", "no-such-model", "-o", out), message)
+    out = tmp_path / "out"  # a good place, and a model that does not load: nothing is left there
+    one_error_line(cli("predict", image, "-m", "no-such-model", "-o", out, "--json"), "no-such")
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -90,7 +90,7 @@ def test_level_and_summary_names_never_collide(tmp_path, predictor):
     outputs = [name for s in report.summaries for name in s["outputs"]]
     assert len(outputs) == len(set(outputs)) == 3 * 4  # label map, overlay, 1 level, json each
     assert set(files(out)) == {*outputs, "summary.json"}
-    assert saver.summary_path == out / "summary.json"
+    assert saver.summary_file() == out / "summary.json"
     for item in report.summaries:  # each label map is its own input's
         labels = np.asarray(Image.open(out / item["outputs"][0]))
         assert labels.shape == (item["height"], item["width"])

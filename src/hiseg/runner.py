@@ -218,10 +218,16 @@ class Saver:
     written to a hidden temporary name and renamed into place."""
 
     def __init__(self, out: Path, levels: bool = False, summary: bool = False):
-        self.out, self.levels = writable_folder(out), levels
+        self.out, self.levels, self.summary = writable_folder(out), levels, summary
         self.renamed: list[tuple[str, str]] = []  # (wanted stem, stem given) when a name was taken
-        # claimed first, so an input called "summary" cannot take the run summary's name
-        self.summary_path = self.claim("summary", lambda s: [f"{s}.json"])[0] if summary else None
+        self._summary_path: Path | None = None
+
+    def summary_file(self) -> Path | None:
+        """The run summary's file, claimed on first call: before any input's names (so an input
+        called "summary" cannot take it), yet not when the run fails before its first input."""
+        if self.summary and self._summary_path is None:
+            self._summary_path = self.claim("summary", lambda s: [f"{s}.json"])[0]
+        return self._summary_path
 
     def claim(self, stem: str, names: Callable[[str], list[str]]) -> list[Path]:
         """Creates ``names(stem)`` (else of ``stem_2``, ``stem_3``, ...) empty and exclusively:
@@ -250,12 +256,13 @@ class Saver:
         names = [f"{stem}.png", f"{stem}_overlay.jpg"]
         if self.levels:
             names += [f"{stem}_level{level.index}.png" for level in tree.levels]
-        if self.summary_path:
+        if self.summary:
             names.append(f"{stem}.json")
         return names
 
     def save(self, result: Result, stem: str) -> list[Path]:
         """The result's files, all or none (an interrupt removes the ones already written)."""
+        self.summary_file()
         paths = self.claim(stem, lambda s: self.image_names(s, result.tree))
         levels = result.tree.levels if self.levels else []
         try:
@@ -264,7 +271,7 @@ class Saver:
             publish(paths[1], lambda tmp: picture.save(tmp, "JPEG", quality=92))
             for level, path in zip(levels, paths[2:], strict=False):
                 publish(path, png_writer(colorize(result.labels, result.tree, level.index)))
-            if self.summary_path:
+            if self.summary:
                 publish(paths[-1], json_writer(result.summary()))
         except BaseException:
             _unlink(paths)
@@ -280,6 +287,7 @@ class Saver:
         stop: StopRequest | None = None,
     ) -> Path:
         """``<stem>_overlay.mp4``; a stop request ends it early with the frames done kept."""
+        self.summary_file()
         (path,) = self.claim(source.stem, lambda s: [f"{s}_overlay.mp4"])
         try:
             publish(
@@ -292,7 +300,8 @@ class Saver:
 
     def write_summary(self, report: RunReport, inputs: int) -> Path | None:
         """``summary.json``: every finished image, every failure, and whether the run stopped."""
-        if self.summary_path is None:
+        path = self.summary_file()
+        if path is None:
             return None
         summary = {
             "inputs": inputs,
@@ -301,8 +310,8 @@ class Saver:
             "images": report.summaries,
             "failed": [{"input": name, "reason": reason} for name, reason in report.failed],
         }
-        publish(self.summary_path, json_writer(summary))
-        return self.summary_path
+        publish(path, json_writer(summary))
+        return path
 
 
 def publish(path: Path, write: Callable[[Path], Any]) -> Any:
