@@ -78,7 +78,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17, clean:
         torch.onnx.export(
             model,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch accepts a file object too
             input_names=[INPUT],
             output_names=[OUTPUT],
             opset_version=opset,

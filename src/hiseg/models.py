@@ -157,13 +157,14 @@ def create_model(
     if local_weights:
         _load_encoder_state(net, load_lite_imagenet_state(smp_name))
     if getattr(getattr(net.decoder, "merge", None), "policy", None) == "add":
-        net.decoder.merge = AddMerge()
+        net.decoder.merge = AddMerge()  # type: ignore[union-attr]
     return SegmentationModel(net, arch_key, smp_name, tree, decoder)
 
 
 def model_from_spec(spec: ModelSpec) -> SegmentationModel:
     """Rebuild the network a spec describes, without pretrained weights."""
-    return create_model(spec.arch, spec.encoder, spec.tree, pretrained=False, decoder=spec.decoder)
+    decoder = dict(spec.decoder)
+    return create_model(spec.arch, spec.encoder, spec.tree, pretrained=False, decoder=decoder)
 
 
 def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
@@ -222,7 +223,8 @@ def preprocessing(encoder: str) -> dict[str, tuple[float, float, float]]:
     if smp_name.startswith("tu-"):  # timm knows its models' normalisation, offline
         cfg = timm.models.get_pretrained_cfg(smp_name[3:])
         if cfg is not None and cfg.mean and cfg.std and len(cfg.mean) == 3:
-            return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+            mean, std = cfg.mean, cfg.std
+            return {"mean": (mean[0], mean[1], mean[2]), "std": (std[0], std[1], std[2])}
     return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 

@@ -62,8 +62,9 @@ def letterbox(image: np.ndarray, long_side: int, stride: int = 32) -> tuple[np.n
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32, normalised with mean/std in [0, 1] units."""
     # (v / 255 - mean) / std as one multiply-add per pixel, on the channels-first copy.
-    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
-    offset = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    std_ = np.asarray(std, np.float32)
+    scale = np.float32(1.0) / (np.float32(255.0) * std_)
+    offset = -np.asarray(mean, np.float32) / std_
     x = image.transpose(2, 0, 1).astype(np.float32, order="C")
     x *= scale[:, None, None]
     x += offset[:, None, None]

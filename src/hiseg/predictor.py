@@ -310,8 +310,10 @@ class Predictor:
                 for members in groups.values():
                     for start in range(0, len(members), self.batch_size):
                         chunk = members[start : start + self.batch_size]
-                        x = np.stack([inputs[i][0] for i in chunk]) if len(chunk) > 1 else None
-                        x = inputs[chunk[0]][0][None] if x is None else x
+                        if len(chunk) == 1:  # a view: no copy
+                            x = inputs[chunk[0]][0][None]
+                        else:
+                            x = np.stack([inputs[i][0] for i in chunk])
                         sizes = [inputs[i][1].resized_hw for i in chunk]
                         hw = (max(h for h, _ in sizes), max(w for _, w in sizes))
                         probs = self._run(backend, x, hw)
@@ -468,7 +470,11 @@ def _full(looks: Sequence[Probabilities]) -> np.ndarray:
     """The mean of an image's looks at its size; one look (the default) is returned as is."""
     if len(looks) == 1:
         return looks[0].full()
-    return np.mean([look.full() for look in looks], axis=0, dtype=np.float32)
+    total = looks[0].full().copy()
+    for look in looks[1:]:
+        total += look.full()
+    total /= len(looks)
+    return total
 
 
 def _window_starts(length: int, size: int) -> list[int]:
