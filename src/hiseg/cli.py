@@ -285,25 +285,24 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean):
-    """The predictor the shared options describe, options checked first; a model that can't
-    load is one error line (the handler of :class:`HisegGroup`)."""
+def predictor_options(threads, long_side, scales, clean) -> dict[str, Any]:
+    """The shared numeric options of ``predict`` and ``eval``, each checked against its bounds
+    before any work starts (one error line otherwise)."""
+    at_least("--clean", clean, 0)
+    return {
+        "threads": cpu_threads(threads),
+        "long_side": check_long_side("--long-side", long_side),
+        "scales": parse_scales(scales),
+        "clean": clean,
+    }
+
+
+def load_predictor(model, backend, flip, tile, zoom, options: dict[str, Any]):
+    """The predictor the options describe; a model that can't load is one error line (the
+    handler of :class:`HisegGroup`)."""
     from hiseg.predictor import load
 
-    threads = cpu_threads(threads)
-    check_long_side("--long-side", long_side)
-    at_least("--clean", clean, 0)
-    return load(
-        model or None,
-        backend=backend,
-        threads=threads,
-        long_side=long_side,
-        flip=flip,
-        scales=parse_scales(scales),
-        tile=tile,
-        zoom=zoom,
-        clean=clean,
-    )
+    return load(model or None, backend=backend, flip=flip, tile=tile, zoom=zoom, **options)
 
 
 @app.command("eval")
@@ -347,6 +346,7 @@ def evaluate(
         raise fail("--report needs --model (the report shows the model's worst images)")
     at_least("--limit", limit, 1)
     at_least("--worst", worst, 0)
+    options = predictor_options(threads, long_side, scales, clean)
     for option, folder in (("--report", report), ("--save-pred", save_pred)):
         if folder is not None:
             writable_folder(folder, option)
@@ -361,9 +361,7 @@ def evaluate(
         else:
             from hiseg.evaluation import evaluate_model
 
-            predictor = load_predictor(
-                model, backend, threads, long_side, flip, scales, tile, zoom, clean
-            )
+            predictor = load_predictor(model, backend, flip, tile, zoom, options)
             if not predictor.tree.same_as(dataset.tree):
                 console.print(
                     f"the model's tree '{predictor.tree.name}' differs from the data's "
@@ -512,11 +510,12 @@ def predict_command(
     if not texts:
         raise fail("nothing to segment: give images, folders, globs, videos or --source 0")
     at_least("--max-frames", max_frames, 1)
+    options = predictor_options(threads, long_side, scales, clean)
     found = expand_sources(texts)
     if out.resolve() in {folder.resolve() for folder in found.folders}:
         raise fail(f"--out {out} is also an input folder: its results would become inputs")
     saver = Saver(out, levels=levels, summary=summary)
-    predictor = load_predictor(model, backend, threads, long_side, flip, scales, tile, zoom, clean)
+    predictor = load_predictor(model, backend, flip, tile, zoom, options)
     sources = found.sources
     with stop_on_signals() as stop, progress_bar(len(sources), "segmenting") as advance:
         report = run(predictor, sources, saver, max_frames, lambda: advance(1), stop=stop)
