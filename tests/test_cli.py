@@ -318,3 +318,31 @@ def test_a_signal_mid_run_keeps_whole_files_and_the_summary(tmp_path, signum):
             json.loads(file.read_text())
         else:
             Image.open(file).load()  # whole, not truncated
+
+
+def test_a_signal_mid_video_keeps_the_frames_done(tmp_path):
+    """The usual end of a webcam run: Ctrl-C keeps a whole, playable video of the frames done."""
+    import cv2
+
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 25, (96, 72))
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        writer.write(rng.integers(0, 256, (72, 96, 3), np.uint8))
+    writer.release()
+    out = tmp_path / "out"
+    process = hiseg("predict", video, *FAST, "-o", out)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".clip_overlay.*.tmp.mp4")) and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "stopped by SIGINT: segmented 1 of 1 input(s)" in stdout
+    assert [p.name for p in out.iterdir()] == ["clip_overlay.mp4"]
+    capture = cv2.VideoCapture(str(out / "clip_overlay.mp4"))
+    assert 0 < int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) < 400
+    ok, frame = capture.read()
+    assert ok and frame.shape[0] == 72
