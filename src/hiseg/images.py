@@ -74,8 +74,12 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError:
         # Pillow refuses headers over twice its own limit before hiseg can look at the size
         bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        reason = f"image is over {bomb / 1e6:.0f} Mpx, over the {max_pixels / 1e6:.0f} Mpx limit"
-        raise ImageReadError(path, reason) from None
+        limit = (
+            f"the {max_pixels / 1e6:.0f} Mpx limit"
+            if max_pixels <= bomb
+            else "Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+        raise ImageReadError(path, f"image is over {bomb / 1e6:.0f} Mpx, over {limit}") from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower():
