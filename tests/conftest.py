@@ -54,6 +54,18 @@ def tiny_person_data(tmp_path_factory) -> Path:
     return make_person_folder_dataset(tmp_path_factory.mktemp("synthetic_person"))
 
 
+@pytest.fixture(scope="session")
+def synthetic_photo(tmp_path_factory) -> Path:
+    """A 500 x 375 JPEG of three drawn people (a photo for prediction tests)."""
+    import numpy as np
+    from PIL import Image
+    from synthetic import scene
+
+    path = tmp_path_factory.mktemp("photos") / "people.jpg"
+    Image.fromarray(scene(500, 375, np.random.default_rng(67), people=3)[0]).save(path, quality=95)
+    return path
+
+
 def tiny_config(data: Path, out: Path, **extra):
     """A config that trains FPN + Lite0 on ``data`` in seconds (128 px crops, 6 epochs)."""
     from hiseg.config import load_config

@@ -19,8 +19,8 @@ def predictor(tiny_checkpoint):
     return hiseg.load(tiny_checkpoint)
 
 
-def test_python_api(predictor, pascal_root):
-    path = pascal_root / "JPEGImages" / "2008_000003.jpg"
+def test_python_api(predictor, synthetic_photo):
+    path = synthetic_photo
     result = predictor.predict(path)
     h, w = np.asarray(Image.open(path)).shape[:2]
     assert result.labels.shape == (h, w) and result.labels.dtype == np.uint8
@@ -47,15 +47,13 @@ def odd_images(folder, photo):
     img.save(folder / "rotated.jpg", exif=exif.tobytes())
 
 
-def test_cli_many_inputs_with_bad_ones(tiny_checkpoint, pascal_root, tmp_path):
+def test_cli_many_inputs_with_bad_ones(tiny_checkpoint, synthetic_photo, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    photo = np.asarray(Image.open(pascal_root / "JPEGImages" / "2008_000003.jpg"))
+    photo = np.asarray(Image.open(synthetic_photo))
     odd_images(src, photo)
     (src / "notes.jpg").write_text("not an image")
-    (src / "cut.jpg").write_bytes(
-        (pascal_root / "JPEGImages" / "2008_000008.jpg").read_bytes()[:2000]
-    )
+    (src / "cut.jpg").write_bytes(synthetic_photo.read_bytes()[:2000])
     out = tmp_path / "out"
     result = runner.invoke(
         app,
@@ -85,8 +83,8 @@ def test_cli_many_inputs_with_bad_ones(tiny_checkpoint, pascal_root, tmp_path):
     assert len(summaries) == 5 and all("people" in s for s in summaries)
 
 
-def test_cli_video(tiny_checkpoint, pascal_root, tmp_path):
-    photo = np.asarray(Image.open(pascal_root / "JPEGImages" / "2008_000003.jpg"))[:240, :320]
+def test_cli_video(tiny_checkpoint, synthetic_photo, tmp_path):
+    photo = np.asarray(Image.open(synthetic_photo))[:240, :320]
     video = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 10, (320, 240))
     for shift in range(3):
