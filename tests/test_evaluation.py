@@ -7,7 +7,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import make_pascal_layout, scene
+from synthetic import make_pascal_layout
 from typer.testing import CliRunner
 
 import hiseg
@@ -20,6 +20,7 @@ from hiseg.evaluation import (
     score_prediction_dir,
     size_bucket_map,
 )
+from hiseg.images import read_image
 from hiseg.metrics import ConfusionMatrix
 from hiseg.predictor import Predictor, _window_starts
 from hiseg.taxonomy import load_tree
@@ -31,9 +32,9 @@ def predictor(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def photo():
-    """A 500 x 375 picture of drawn people: larger than the model side (160), so tiles."""
-    return scene(500, 375, np.random.default_rng(67), people=3)[0]
+def photo(synthetic_photo):
+    """500 x 375 pixels: larger than the model side (160), so tiles."""
+    return read_image(synthetic_photo)
 
 
 def counting(predictor: Predictor) -> list[tuple[int, int]]:
