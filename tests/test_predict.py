@@ -149,3 +149,19 @@ def test_normalize_is_mean_std_scaling_channels_first():
     assert x.shape == (3, 5, 7) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
     want = (image / 255.0 - np.array(mean)) / np.array(std)
     np.testing.assert_allclose(x, want.transpose(2, 0, 1), atol=1e-5)
+
+
+def test_training_validation_scores_what_predict_gives(tiny_checkpoint, tiny_data):
+    """Validation during training predicts through the same pipeline as ``hiseg predict``: its
+    last logged scores are those of ``hiseg eval`` on the checkpoint saved after it."""
+    import csv
+
+    from hiseg.data import open_dataset
+    from hiseg.evaluation import evaluate_model
+
+    with open(tiny_checkpoint.parent / "history.csv") as f:
+        logged = list(csv.DictReader(f))[-1]
+    result = evaluate_model(hiseg.load(tiny_checkpoint, threads=1), open_dataset(tiny_data, "val"))
+    levels = result.scores()["levels"]
+    for k, level in levels.items():
+        assert float(logged[f"miou{k}"]) == pytest.approx(level["miou"] or 0.0, abs=1e-3), k
