@@ -81,13 +81,17 @@ class Dataset:
 
     format: str = ""
 
-    def __init__(self, root: str | Path, split: str, tree: Tree):
+    def __init__(self, root: str | Path, split: str, tree: Tree | None = None):
         self.root = Path(root)
         self.split = split
-        self.tree = tree
+        self.tree = tree or self.default_tree(self.root)
         self.samples: list[Sample] = self._list_samples()
 
-    # Each format says how it lays out splits and files.
+    # Each format says how it lays out splits and files, and its tree unless one is given.
+    @classmethod
+    def default_tree(cls, root: Path) -> Tree:
+        raise NotImplementedError
+
     @classmethod
     def detect(cls, root: Path) -> bool:
         raise NotImplementedError
@@ -188,11 +192,12 @@ class Dataset:
                     )
                 )
             if image is not None and image.shape[:2] != raw.shape:
+                name = Path(sample.image_path or sample.id).name
                 problems.append(
                     Problem(
                         sample.mask_path,
                         f"mask is {raw.shape[1]}x{raw.shape[0]} but image "
-                        f"{sample.image_path.name} is {image.shape[1]}x{image.shape[0]}",
+                        f"{name} is {image.shape[1]}x{image.shape[0]}",
                     )
                 )
         return problems
@@ -204,8 +209,9 @@ class Dataset:
 class PascalPersonPart(Dataset):
     format = "pascal-person-part"
 
-    def __init__(self, root: str | Path, split: str, tree: Tree | None = None):
-        super().__init__(root, split, tree or load_tree("pascal-person-part"))
+    @classmethod
+    def default_tree(cls, root: Path) -> Tree:
+        return load_tree("pascal-person-part")
 
     @classmethod
     def detect(cls, root: Path) -> bool:
@@ -238,8 +244,9 @@ class PascalPersonPart(Dataset):
 class PersonFolder(Dataset):
     format = "person-folder"
 
-    def __init__(self, root: str | Path, split: str, tree: Tree | None = None):
-        super().__init__(root, split, tree or load_tree("person"))
+    @classmethod
+    def default_tree(cls, root: Path) -> Tree:
+        return load_tree("person")
 
     @classmethod
     def detect(cls, root: Path) -> bool:
@@ -265,8 +272,9 @@ class FolderDataset(Dataset):
 
     format = "folder"
 
-    def __init__(self, root: str | Path, split: str, tree: Tree | None = None):
-        super().__init__(root, split, tree or load_tree(Path(root) / "tree.yaml"))
+    @classmethod
+    def default_tree(cls, root: Path) -> Tree:
+        return load_tree(root / "tree.yaml")
 
     @classmethod
     def detect(cls, root: Path) -> bool:
@@ -486,7 +494,8 @@ class DatasetStats:
 
 def dataset_stats(dataset: Dataset, progress: Callable[[int], None] | None = None) -> DatasetStats:
     """Sizes, pixel shares and person sizes over a split; unreadable samples are listed, skipped."""
-    stats = DatasetStats(tree=dataset.tree, leaf_pixels=np.zeros(256, dtype=np.int64))
+    leaf_pixels = np.zeros(256, dtype=np.int64)
+    stats = DatasetStats(tree=dataset.tree, leaf_pixels=leaf_pixels)
 
     def one(sample: Sample) -> tuple[np.ndarray | None, Problem | None]:
         try:
@@ -502,6 +511,6 @@ def dataset_stats(dataset: Dataset, progress: Callable[[int], None] | None = Non
             continue
         stats.n_images += 1
         stats.sizes.append((labels.shape[1], labels.shape[0]))
-        stats.leaf_pixels += np.bincount(labels.ravel(), minlength=256)[:256]
+        leaf_pixels += np.bincount(labels.ravel(), minlength=256)[:256]
         stats.region_shares.extend(person_regions(labels, dataset.tree).tolist())
     return stats

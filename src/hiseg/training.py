@@ -246,7 +246,7 @@ class History(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for key, value in sorted(trainer.callback_metrics.items()):
             if key.startswith("val/miou") or key in ("val/score", "train/loss_epoch"):
                 row[key.split("/")[1]] = round(float(value), 5)
@@ -289,9 +289,11 @@ class LogProgress(Callback):
 class SampleImages(Callback):
     """A few val images (ground truth | prediction overlays) logged to MLflow each epoch."""
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: SegmentationTask) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = trainer.logger
-        if trainer.sanity_checking or not trainer.is_global_zero or logger is None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if not isinstance(logger, MLFlowLogger) or not isinstance(pl_module, SegmentationTask):
             return
         for i, picture in enumerate(pl_module.samples):
             logger.experiment.log_image(
@@ -382,6 +384,8 @@ def build_loaders(config: Config, mean, std) -> tuple[DataLoader, DataLoader, Da
         train_data.drop(dropped)
         rank_zero_info(f"data.drop: {len(set(dropped))} train ids in {d.drop} left out")
     val_data = open_dataset(d.root, d.val_split, d.format)
+    background = train_data.tree.background.value
+    assert background is not None, "a tree's background is a leaf, so it has a value"
     transform = train_transform(
         d.crop_size,
         scale=(d.scale[0], d.scale[1]),
@@ -391,11 +395,11 @@ def build_loaders(config: Config, mean, std) -> tuple[DataLoader, DataLoader, Da
         color=d.color,
         seed=config.seed,
         # crops centre on what is not background in this tree (extra sets are relabelled to it)
-        background_value=train_data.tree.background.value,
+        background_value=background,
     )
     extra = [open_dataset(e.root, e.split, e.format) for e in d.extra]
     workers = d.num_workers
-    train_sets = ConcatDataset(
+    train_sets: ConcatDataset = ConcatDataset(
         [TrainSet(data, transform, mean, std, train_data.tree) for data in [train_data, *extra]]
     )
     if len(train_sets) < d.batch_size:  # every batch would be dropped: nothing would train
