@@ -240,3 +240,23 @@ def test_as_rgb_applies_the_pixel_limit_to_arrays_and_pil_images():
         as_rgb(PHOTO, max_pixels=10)
     with pytest.raises(ImageInputError, match="PIL image: image is 7x9"):
         as_rgb(Image.fromarray(PHOTO), max_pixels=10)
+
+
+def test_a_pipe_is_refused_not_waited_on(tmp_path):
+    import os
+    import signal
+
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+
+    def waited(*args):
+        raise TimeoutError("read_image waited for a writer on the pipe")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(5)
+    try:
+        with pytest.raises(ImageReadError, match="not a regular file"):
+            read_image(pipe)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -170,3 +170,10 @@ def test_predict_reads_every_accepted_form_like_uint8_and_refuses_the_rest(predi
     for bad in (np.full((8, 8, 3), np.nan), np.zeros((8, 8, 2)), np.zeros((0, 8, 3))):
         with pytest.raises(ImageInputError):
             predictor.predict(bad)
+
+
+def test_long_input_names_give_names_the_file_system_takes(tmp_path, result):
+    stem = "é" * 127  # 254 bytes: the input's own name was at the limit
+    paths = Saver(tmp_path, levels=True, summary=True).save(result, stem)
+    assert all(len(os.fsencode(p.name)) <= 255 for p in paths)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)

@@ -59,6 +59,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageReadError(path, "file not found")
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not an image")
+    if not path.is_file():  # reading a pipe would wait for a writer forever
+        raise ImageReadError(path, "not a regular file (a pipe, socket or device)")
     try:
         with warnings.catch_warnings():
             # hiseg's own limit below applies, not Pillow's lower warning threshold (89.5 Mpx)

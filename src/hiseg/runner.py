@@ -37,6 +37,9 @@ from hiseg.visualize import colorize
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 GLOB_CHARS = "*?["
+#: Stems are cut to this many bytes, so that with their suffixes (``_overlay.jpg``,
+#: ``_level2.png``, ``_2``) names stay under the usual 255-byte limit of file systems.
+MAX_STEM_BYTES = 200
 
 
 class OutputError(HisegError):
@@ -232,6 +235,8 @@ class Saver:
     def claim(self, stem: str, names: Callable[[str], list[str]]) -> list[Path]:
         """Creates ``names(stem)`` (else of ``stem_2``, ``stem_3``, ...) empty and exclusively:
         no existing file, input or concurrent run's output is ever replaced."""
+        while len(os.fsencode(stem)) > MAX_STEM_BYTES:
+            stem = stem[:-1]
         candidate, i = stem, 1
         while True:
             claimed: list[Path] = []
