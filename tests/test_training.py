@@ -279,6 +279,8 @@ def test_config_is_typed_and_checkpoints_keep_it_as_a_plain_dict():
     # the untyped dict an older run holds: YAML-style strings and ints where floats are meant
     older = {**plain, "optim": {**plain["optim"], "lr": "2e-3", "warmup_steps": 100}}
     assert Config.from_dict(older) == config
+    share = load_config(CONFIG, ["trainer.limit_train_batches=1.0"]).trainer.limit_train_batches
+    assert isinstance(share, float)  # all batches; the int 1 would be one batch
     with pytest.raises(ConfigError, match=r"'data\.crop_size' expects a whole number, got 'big'"):
         Config.from_dict({"data": {"crop_size": "big"}})
 
@@ -305,6 +307,7 @@ def test_task_hyperparameters_are_plain(tiny_data, tmp_path):
         ("data.scale=[1.5, 0.5]", r"'data\.scale' must be \[low, high\]"),
         ("optim.schedule=linear", r"'optim\.schedule' must be one of 'cosine', 'poly'"),
         ("data.hflip=maybe", r"'data\.hflip' expects true or false, got 'maybe'"),
+        ("trainer.limit_train_batches=0", r"'trainer\.limit_train_batches' must be a number"),
     ],
 )
 def test_bad_values_are_one_line_errors_before_training(override, message, tmp_path):

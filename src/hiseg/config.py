@@ -115,9 +115,17 @@ class TrainerConfig:
     threads: int | None = _bounded(None, low=1)  # torch intra-op threads on CPU; default: all
     early_stopping_patience: int = _bounded(0, low=0)  # epochs without improvement; 0 = off
     checkpoint_every_n_steps: int = _bounded(200, low=0)  # also refresh last.ckpt in an epoch
-    limit_train_batches: int | float | None = _bounded(None, low=0)
+    limit_train_batches: int | float | None = None  # batches per epoch, or a share of them
     log_every_n_steps: int = _bounded(10, low=1)
     progress_bar: bool = True
+
+    def _check(self, where: str) -> None:
+        limit = self.limit_train_batches
+        if limit is not None and (limit <= 0 or (isinstance(limit, float) and limit > 1)):
+            raise ConfigError(
+                f"config key '{where}.limit_train_batches' must be a number of batches (1 or "
+                f"more) or a share of them (above 0, at most 1.0), got {limit!r}"
+            )
 
 
 @dataclass
@@ -198,7 +206,8 @@ def _convert(path: str, hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in args:
+        # the value's own type first: 1.0 stays a float share of batches, not 1 batch
+        for option in sorted(args, key=lambda option: option is not type(value)):
             if option is type(None):
                 continue
             try:
