@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+
 from hiseg.errors import HisegError
 
 BACKGROUND = "background"
