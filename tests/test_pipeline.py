@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
+from hiseg import pipeline
 from hiseg.errors import HisegError
 from hiseg.images import ImageReadError
 from hiseg.pipeline import (
@@ -117,6 +118,11 @@ def test_restore_is_bilinear_from_the_resized_area():
     np.testing.assert_allclose(restore(logits, geometry), want.transpose(2, 0, 1), atol=1e-6)
     batch = rng.normal(size=(2, 7, 100, 9)).astype(np.float32)
     np.testing.assert_allclose(batch_softmax(batch.copy(), 3), softmax(batch, 1), atol=1e-7)
+    pipeline.CHUNK_PIXELS, default = 50, pipeline.CHUNK_PIXELS  # chunks of 5 rows
+    try:
+        np.testing.assert_allclose(batch_softmax(batch.copy(), 3), softmax(batch, 1), atol=1e-7)
+    finally:
+        pipeline.CHUNK_PIXELS = default
 
 
 # -- decoding -------------------------------------------------------------------------------
@@ -144,21 +150,25 @@ def test_decoding_picks_the_likeliest_node_at_every_level():
 
 
 @pytest.mark.parametrize("hw", [(61, 47), (9, 7), (24, 18), (150, 113)])
-def test_fast_decoding_equals_decoding_the_full_map(hw):
+def test_fast_decoding_equals_decoding_the_full_map(hw, monkeypatch):
     """:class:`Probabilities` decodes at network resolution and interpolates only where the four
     sources disagree; the labels are those of the full bilinear map."""
     rng = np.random.default_rng(2)
     small = rng.dirichlet(np.ones(7) * 0.5, size=(24, 18)).transpose(2, 0, 1).astype(np.float32)
     small = cv2.GaussianBlur(small.transpose(1, 2, 0), (3, 3), 0).transpose(2, 0, 1)
-    lazy = Probabilities.from_network(small, Geometry(hw, (24, 18), (24, 24)))
-    labels = lazy.decode(TREE)
-    full = lazy.full()
+
+    def lazy() -> Probabilities:  # a fresh one: once made, the full map is used instead
+        return Probabilities.from_network(small, Geometry(hw, (24, 18), (24, 24)))
+
+    labels = lazy().decode(TREE)
+    full = lazy().full()
     assert full.shape == (7, *hw)
     assert (labels == TREE.decode(full)).mean() > 0.9995
-    np.testing.assert_array_equal(lazy.decode(TREE, threads=3), labels)  # in bands of rows
-    np.testing.assert_array_equal(Probabilities.from_full(full).decode(TREE, 3), TREE.decode(full))
     mask = rng.random(hw) < 0.2
-    np.testing.assert_allclose(lazy[:, mask], full[:, mask], atol=1e-6)
+    np.testing.assert_allclose(lazy()[:, mask], full[:, mask], atol=1e-6)
+    monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 300)  # several chunks of rows, on 3 threads
+    np.testing.assert_array_equal(lazy().decode(TREE, threads=3), labels)
+    np.testing.assert_array_equal(Probabilities.from_full(full).decode(TREE, 3), TREE.decode(full))
 
 
 # -- test-time augmentation ------------------------------------------------------------------
