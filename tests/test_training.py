@@ -308,6 +308,7 @@ def test_task_hyperparameters_are_plain(tiny_data, tmp_path):
         ("optim.schedule=linear", r"'optim\.schedule' must be one of 'cosine', 'poly'"),
         ("data.hflip=maybe", r"'data\.hflip' expects true or false, got 'maybe'"),
         ("trainer.limit_train_batches=0", r"'trainer\.limit_train_batches' must be a number"),
+        ("optim.lr=.nan", r"'optim\.lr' expects a number, got nan"),
     ],
 )
 def test_bad_values_are_one_line_errors_before_training(override, message, tmp_path):

@@ -13,6 +13,7 @@ untyped config it replaced): they load with ``torch.load(weights_only=True)``, a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -248,11 +249,12 @@ def _convert(path: str, hint: Any, value: Any) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    """A number from an int, float or numeric string (YAML reads ``1e-3`` as a string)."""
+    """A finite number from an int, float or numeric string (YAML reads ``1e-3`` as a string)."""
     try:
-        return float(value) if isinstance(value, (int, float, str)) else None
+        number = float(value) if isinstance(value, (int, float, str)) else None
     except ValueError:
         return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _type_name(hint: Any) -> str:
