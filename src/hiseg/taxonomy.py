@@ -288,7 +288,7 @@ class Tree:
 
         Level 0 picks the likeliest node; each finer level picks among the children of the node
         chosen above, so a pixel's part always lies inside its upper/lower body and its body.
-        A running maximum over nodes (not argmax over an axis) keeps this a few vector passes.
+        A running maximum over siblings (not argmax over an axis) keeps this a few vector passes.
         """
         flat = leaf_probs.reshape(self.num_leaves, -1)
         channel = dict(zip(self.values, flat, strict=True))
@@ -305,23 +305,34 @@ class Tree:
                     scores[node.name] = total
             return scores[node.name]
 
-        # Running arg-max over a level's nodes in plain arithmetic: np.where / masked copies
-        # are ten times slower here. Probabilities lie in [0, 1], so subtracting 2 from the
-        # nodes outside the chosen parent ranks them below every allowed node.
-        chosen: np.ndarray | None = None
-        for k, level in enumerate(self.levels):
-            parents = self._parent_index(k) if k else None
-            best = np.full(flat.shape[1], -np.inf, dtype=np.float32)
-            pick = np.zeros(flat.shape[1], dtype=np.int16)
-            for j, node in enumerate(level.nodes):
-                value = score(node)
-                if chosen is not None:  # float32 throughout: a float64 penalty doubles the cost
-                    value = value - np.float32(2.0) * (chosen != parents[j])  # type: ignore[index]
+        def likeliest(members: list[int], nodes: tuple[Node, ...]) -> np.ndarray:
+            """Level index of the likeliest of ``members`` (the first on ties): a running
+            arg-max in plain arithmetic, as np.where / masked copies are ten times slower."""
+            best = score(nodes[members[0]])
+            pick = np.full(flat.shape[1], members[0], dtype=np.int16)
+            for j in members[1:]:
+                value = score(nodes[j])
                 better = value > best
-                np.maximum(best, value, out=best)
+                best = np.maximum(best, value)
                 pick += better * (j - pick)
+            return pick
+
+        # Each level decides only among siblings: the children of the node chosen above. A
+        # node alone under its parent (background at every level) needs no comparison.
+        chosen = likeliest(list(range(len(self.levels[0].nodes))), self.levels[0].nodes)
+        for k, level in enumerate(self.levels[1:], start=1):
+            siblings: dict[int, list[int]] = {}
+            for j, parent in enumerate(self._parent_index(k)):
+                siblings.setdefault(int(parent), []).append(j)
+            first = np.zeros(len(self.levels[k - 1].nodes), dtype=np.int16)
+            for parent, members in siblings.items():
+                first[parent] = members[0]
+            pick = first[chosen]
+            for parent, members in siblings.items():
+                if len(members) > 1:
+                    offset = likeliest(members, level.nodes) - np.int16(members[0])
+                    pick += (chosen == parent) * offset
             chosen = pick
-        assert chosen is not None
         leaf_values = np.array([n.value for n in self.levels[-1].nodes], dtype=np.uint8)
         return leaf_values[chosen].reshape(leaf_probs.shape[1:])
 
