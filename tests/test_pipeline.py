@@ -117,10 +117,10 @@ def test_restore_is_bilinear_from_the_resized_area():
     want = cv2.resize(probs.transpose(1, 2, 0), (47, 61), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(restore(logits, geometry), want.transpose(2, 0, 1), atol=1e-6)
     batch = rng.normal(size=(2, 7, 100, 9)).astype(np.float32)
-    np.testing.assert_allclose(batch_softmax(batch.copy(), 3), softmax(batch, 1), atol=1e-7)
+    np.testing.assert_allclose(batch_softmax(batch.copy()), softmax(batch, 1), atol=1e-7)
     pipeline.CHUNK_PIXELS, default = 50, pipeline.CHUNK_PIXELS  # chunks of 5 rows
     try:
-        np.testing.assert_allclose(batch_softmax(batch.copy(), 3), softmax(batch, 1), atol=1e-7)
+        np.testing.assert_allclose(batch_softmax(batch.copy()), softmax(batch, 1), atol=1e-7)
     finally:
         pipeline.CHUNK_PIXELS = default
 
@@ -166,9 +166,9 @@ def test_fast_decoding_equals_decoding_the_full_map(hw, monkeypatch):
     assert (labels == TREE.decode(full)).mean() > 0.9995
     mask = rng.random(hw) < 0.2
     np.testing.assert_allclose(lazy()[:, mask], full[:, mask], atol=1e-6)
-    monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 300)  # several chunks of rows, on 3 threads
-    np.testing.assert_array_equal(lazy().decode(TREE, threads=3), labels)
-    np.testing.assert_array_equal(Probabilities.from_full(full).decode(TREE, 3), TREE.decode(full))
+    monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 300)  # several chunks of rows
+    np.testing.assert_array_equal(lazy().decode(TREE), labels)
+    np.testing.assert_array_equal(Probabilities.from_full(full).decode(TREE), TREE.decode(full))
 
 
 # -- test-time augmentation ------------------------------------------------------------------

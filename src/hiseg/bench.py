@@ -103,7 +103,7 @@ def benchmark(
             shape = "x".join(map(str, x.shape))
             jobs.append(({**row, "task": "forward", "input": shape}, partial(backend.run, x)))
             if not checkpoint:
-                predictor = Predictor([backend], long_side=size, threads=threads)
+                predictor = Predictor([backend], long_side=size)
                 fitted = prepare(photo, backend.spec, size)[0].shape
                 shape = "x".join(map(str, photo.shape)) + f" photo -> 1x3x{fitted[1]}x{fitted[2]}"
                 jobs.append(

@@ -20,12 +20,9 @@ whose sources disagree (the borders between regions); full-size maps are made on
 
 from __future__ import annotations
 
-import os
-import threading
+import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
@@ -93,41 +90,24 @@ def softmax_in_place(logits: np.ndarray, axis: int = 0) -> np.ndarray:
     return logits
 
 
-def batch_softmax(logits: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Softmax over the channels of (B, C, H, W) logits, in place, in ``threads`` bands of rows
-    at once."""
+def batch_softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the channels of (B, C, H, W) logits, in place, in chunks of rows."""
     _, _, rows, width = logits.shape
-    in_bands(lambda a, b: softmax_in_place(logits[:, :, a:b], axis=1), rows, threads, width)
+    in_chunks(lambda a, b: softmax_in_place(logits[:, :, a:b], axis=1), rows, width)
     return logits
 
 
 _T = TypeVar("_T")
-#: Pixels per chunk of rows: the temporaries of a chunk stay in cache (about 2x faster than
-#: whole-image arrays, which also pay for fresh memory pages on every call).
+#: Pixels per chunk of rows: the temporaries of a chunk stay in cache (about 25% faster than
+#: whole-image arrays, which also pay for fresh memory pages on every call). Spreading chunks
+#: over threads was measured too: no faster on the 2 shared cores, slower under load.
 CHUNK_PIXELS = 32_768
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
-def in_bands(fn: Callable[[int, int], _T], rows: int, threads: int, width: int) -> list[_T]:
-    """``fn(start, stop)`` over chunks of ``rows`` rows of ``width`` pixels, in order; the
-    chunks are split into up to ``threads`` bands run concurrently (NumPy and OpenCV release
-    the GIL), so the per-pixel steps around the network use the cores the network uses."""
+def in_chunks(fn: Callable[[int, int], _T], rows: int, width: int) -> list[_T]:
+    """``fn(start, stop)`` over consecutive chunks of ``rows`` rows of ``width`` pixels."""
     step = max(1, CHUNK_PIXELS // max(1, width))
-    chunks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
-    bands = min(threads, len(chunks))
-    if bands <= 1:
-        return [fn(a, b) for a, b in chunks]
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="hiseg")
-    edges = np.linspace(0, len(chunks), bands + 1).round().astype(int).tolist()
-    futures = [
-        _pool.submit(lambda part: [fn(a, b) for a, b in part], chunks[start:stop])
-        for start, stop in pairwise(edges)
-    ]
-    return [result for future in futures for result in future.result()]
+    return [fn(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def restore(logits: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -204,19 +184,17 @@ class Probabilities:
         ys, xs = np.nonzero(mask)
         return self._interpolate(ys, xs)
 
-    def decode(self, tree: Tree, threads: int = 1) -> np.ndarray:
+    def decode(self, tree: Tree) -> np.ndarray:
         """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc), in
-        chunks of rows on ``threads`` threads."""
+        chunks of rows."""
         if self._full is not None:
             full = self._full
             _, h, w = full.shape
-            return np.concatenate(in_bands(lambda a, b: tree.decode(full[:, a:b]), h, threads, w))
+            return np.concatenate(in_chunks(lambda a, b: tree.decode(full[:, a:b]), h, w))
         assert self._small is not None and self._geometry is not None
         small = self._small
         _, h, w = small.shape
-        small_labels = np.concatenate(
-            in_bands(lambda a, b: tree.decode(small[:, a:b]), h, threads, w)
-        )
+        small_labels = np.concatenate(in_chunks(lambda a, b: tree.decode(small[:, a:b]), h, w))
         (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
         y0, y1, _ = _taps(oh, rh)
         x0, x1, _ = _taps(ow, rw)
@@ -233,7 +211,7 @@ class Probabilities:
                 labels[ys, xs] = tree.decode(probs[:, :, None])[:, 0]
             return labels
 
-        return np.concatenate(in_bands(band, oh, threads, ow))
+        return np.concatenate(in_chunks(band, oh, ow))
 
     def _interpolate(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Bilinear probabilities (as ``cv2.resize`` makes them) at output pixels (ys, xs)."""
@@ -253,13 +231,17 @@ class Probabilities:
         return top * (1 - wy) + bottom * wy
 
 
+@functools.lru_cache(maxsize=32)
 def _taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear sources along one axis as ``cv2.resize`` (INTER_LINEAR) takes them: for each
-    output index, the two input indices and the weight of the second."""
+    output index, the two input indices and the weight of the second. Cached, so read-only."""
     f = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
     i0 = np.floor(f).astype(np.intp)
     w = (f - i0).astype(np.float32)
     w[i0 < 0], i0[i0 < 0] = 0, 0
     last = i0 >= in_size - 1
     w[last], i0[last] = 0, in_size - 1
-    return i0, np.minimum(i0 + 1, in_size - 1), w
+    taps = (i0, np.minimum(i0 + 1, in_size - 1), w)
+    for t in taps:
+        t.flags.writeable = False
+    return taps

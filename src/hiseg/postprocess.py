@@ -27,9 +27,10 @@ def clean_labels(
     labels = labels.copy()
     h, w = labels.shape
     for level in tree.levels:
-        nodes = level.map(labels)
+        lut = level.lut.astype(np.int16)  # a lookup 4x cheaper than through the int64 table
+        nodes = lut[labels]
         for j, node in enumerate(level.nodes):
-            mask = (nodes == j).astype(np.uint8)
+            mask = (nodes == j).view(np.uint8)
             _, regions, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
             x, y, bw, bh, area = stats.T
             touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
@@ -42,5 +43,5 @@ def clean_labels(
             suppressed = probs[:, where].copy()
             suppressed[tree.leaf_index(np.array([leaf.value for leaf in node.leaves()]))] = 0
             labels[where] = tree.decode(suppressed[:, :, None])[:, 0]
-            nodes = level.map(labels)
+            nodes = lut[labels]
     return labels

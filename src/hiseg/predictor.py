@@ -246,7 +246,6 @@ class Predictor:
         zoom_weight: float = 0.5,
         clean: int | None = None,
         batch_size: int = BATCH_SIZE,
-        threads: int | None = None,
     ):
         if not backends:
             raise ModelError("no model given")
@@ -268,8 +267,6 @@ class Predictor:
         # min region size in pixels for hiseg.postprocess; 0 = off; None = the model's default
         self.clean = backends[0].spec.default_clean if clean is None else clean
         self.batch_size = max(1, batch_size)
-        # the per-pixel steps around the network run in this many bands at once
-        self.threads = _threads(threads)
 
     # -- probabilities ----------------------------------------------------------------------
 
@@ -344,7 +341,7 @@ class Predictor:
         logits = backend.run(x)
         if self.flip:
             logits[n:] = logits[n:, ..., ::-1].copy()  # mirrored back
-        probs = batch_softmax(logits[..., : hw[0], : hw[1]], self.threads)
+        probs = batch_softmax(logits[..., : hw[0], : hw[1]])
         if not self.flip:
             return probs
         out = probs[:n]
@@ -432,7 +429,7 @@ class Predictor:
                 probs = looks[0]
             else:
                 probs = Probabilities.from_full(self._refined(image, _full(looks)))
-            labels = probs.decode(self.tree, self.threads)
+            labels = probs.decode(self.tree)
             if self.clean:
                 labels = clean_labels(probs, labels, self.tree, self.clean)
             results.append(Result(image, labels, self.tree, path, probs))
@@ -462,7 +459,6 @@ def load(
         tile=tile,
         zoom=zoom,
         clean=clean,
-        threads=threads,
     )
 
 
