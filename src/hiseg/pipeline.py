@@ -7,9 +7,10 @@ Every consumer (``hiseg predict``, ``hiseg eval``, training-time validation, exp
   padded bottom/right to the network stride, and normalised -> ``(3, H, W)`` and its
   :class:`Geometry`;
 - the network runs on a batch of such inputs (``(B, 3, H, W)`` -> ``(B, leaves, H, W)`` logits);
-- :func:`restore`: softmax, the resized area cropped out of the padding, probabilities upsampled
-  bilinearly to the image's size (labels are never resized nearest-neighbour);
-- :func:`decode`: top-down through the class tree (:meth:`Tree.decode`).
+- :func:`batch_softmax`, then :func:`restore`: the resized area cropped out of the padding,
+  probabilities upsampled bilinearly to the image's size (labels are never resized
+  nearest-neighbour);
+- :meth:`Probabilities.decode`: top-down through the class tree (:meth:`Tree.decode`).
 
 :class:`Probabilities` does restore + decode exactly but cheaply: the decision at each level is an
 argmax of linear functions of the leaf probabilities, and a bilinear pixel's probabilities are a
@@ -110,14 +111,11 @@ def in_chunks(fn: Callable[[int, int], _T], rows: int, width: int) -> list[_T]:
     return [fn(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-def restore(logits: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """(leaves, padded H, padded W) logits -> (leaves, H, W) probabilities at the image's size."""
-    return Probabilities.from_network(softmax(logits), geometry).full()
-
-
-def decode(probs: np.ndarray, tree: Tree) -> np.ndarray:
-    """(leaves, H, W) probabilities -> (H, W) leaf values, top-down through ``tree``."""
-    return tree.decode(probs)
+def restore(probs: np.ndarray, geometry: Geometry) -> Probabilities:
+    """The network's (leaves, >= resized H, >= resized W) softmax output -> the image's
+    probabilities: padding dropped, upsampled bilinearly to the image's size on demand
+    (:meth:`Probabilities.full`); :meth:`Probabilities.decode` gives the labels."""
+    return Probabilities.from_network(probs, geometry)
 
 
 class Probabilities:

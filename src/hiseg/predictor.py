@@ -26,7 +26,7 @@ import numpy as np
 from hiseg.data import MIN_REGION_PIXELS, person_regions
 from hiseg.errors import HisegError
 from hiseg.images import ImageLike, as_rgb
-from hiseg.pipeline import Geometry, Probabilities, batch_softmax, prepare
+from hiseg.pipeline import Geometry, Probabilities, batch_softmax, prepare, restore
 from hiseg.postprocess import clean_labels
 from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 from hiseg.taxonomy import Tree
@@ -48,7 +48,10 @@ BATCH_SIZE = 8
 
 @dataclass
 class Backend:
-    """One loaded network and its :class:`ModelSpec` (tree, input normalisation, sizes)."""
+    """One loaded network and its :class:`ModelSpec` (tree, input normalisation, sizes).
+
+    ``run`` returns a new, writable array per call: the pipeline works on it in place.
+    """
 
     name: str
     run: Callable[[np.ndarray], np.ndarray]
@@ -321,15 +324,16 @@ class Predictor:
                             if key in sums[i]:
                                 sums[i][key] += p[:, :rh, :rw]
                                 counts[i][key] += 1
-                            else:
-                                sums[i][key] = np.ascontiguousarray(p[:, :rh, :rw])
+                            else:  # a copy out of a batch, which a result must not keep
+                                own = p[:, :rh, :rw]
+                                sums[i][key] = own.copy() if len(chunk) > 1 else own
                                 counts[i][key] = 1
         looks = []
         for image_sums, image_counts in zip(sums, counts, strict=True):
             for key, n in image_counts.items():
                 if n > 1:
                     image_sums[key] /= n
-            looks.append([Probabilities.from_network(p, g) for (_, g), p in image_sums.items()])
+            looks.append([restore(p, g) for (_, g), p in image_sums.items()])
         return looks
 
     def _run(self, backend: Backend, x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
