@@ -118,7 +118,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = _bounded(200, low=0)  # also refresh last.ckpt in an epoch
     limit_train_batches: int | float | None = None  # batches per epoch, or a share of them
     log_every_n_steps: int = _bounded(10, low=1)
-    progress_bar: bool = True
+    progress_bar: bool | Literal["auto"] = "auto"  # auto: a bar on a terminal, else log lines
 
     def _check(self, where: str) -> None:
         limit = self.limit_train_batches

@@ -12,14 +12,20 @@ import csv
 import dataclasses
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
+import yaml
+from lightning.pytorch.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -34,6 +40,7 @@ from hiseg.metrics import ConfusionMatrix
 from hiseg.models import ARCHITECTURES, create_model, load_checkpoint, preprocessing
 from hiseg.pipeline import normalize
 from hiseg.predictor import Backend, Predictor
+from hiseg.progress import ProgressLog, use_progress_bar
 from hiseg.spec import METADATA_KEY, ModelSpec
 from hiseg.taxonomy import IGNORE_VALUE, Tree
 from hiseg.visualize import overlay
@@ -259,33 +266,6 @@ class History(Callback):
             writer.writerow(row)
 
 
-class LogProgress(Callback):
-    """Plain log lines for runs without a progress bar (background runs logging to a file)."""
-
-    def __init__(self, every: int):
-        self.every = every
-        self.start = 0.0
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % self.every or not trainer.is_global_zero:
-            return
-        rate = (batch_idx + 1) * len(batch[0]) / (time.perf_counter() - self.start)
-        loss = float(trainer.callback_metrics.get("train/loss_step", float("nan")))
-        print(
-            f"epoch {trainer.current_epoch} batch {batch_idx + 1}/{trainer.num_training_batches} "
-            f"loss {loss:.4f} {rate:.1f} img/s",
-            flush=True,
-        )
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            scores = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
-            print(f"epoch {trainer.current_epoch} done: {scores}", flush=True)
-
-
 class SampleImages(Callback):
     """A few val images (ground truth | prediction overlays) logged to MLflow each epoch."""
 
@@ -334,8 +314,8 @@ def build_trainer(config: Config, folder: Path, track: bool) -> L.Trainer:
         SaveLast(folder / "last.ckpt", t.checkpoint_every_n_steps),
         History(folder / "history.csv"),
     ]
-    if not t.progress_bar:
-        callbacks.append(LogProgress(t.log_every_n_steps))
+    bar = use_progress_bar(t.progress_bar)
+    callbacks.append(RichProgressBar() if bar else ProgressLog(t.log_every_n_steps))
     if t.early_stopping_patience:
         callbacks.append(
             EarlyStopping(monitor="val/score", mode="max", patience=t.early_stopping_patience)
@@ -363,7 +343,7 @@ def build_trainer(config: Config, folder: Path, track: bool) -> L.Trainer:
         max_epochs=t.max_epochs,
         limit_train_batches=t.limit_train_batches,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=bar,
         callbacks=callbacks,
         logger=logger,
         plugins=[AtomicCheckpointIO()],
@@ -500,6 +480,26 @@ def check_resumable(last: Path) -> None:
         )
 
 
+def save_resolved_config(config: Config, folder: Path) -> Path:
+    """The full config this run uses (defaults included) as ``config.yaml`` in the run folder,
+    so a run can be reproduced or resumed without the command line that started it."""
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def start_line(config: Config, folder: Path, train_images: int, val_images: int) -> str:
+    """One line with what a user checks first in a log: where, what model, what data, how."""
+    d, m, t = config.data, config.model, config.trainer
+    threads = t.threads or torch.get_num_threads()
+    return (
+        f"run {folder}: {m.arch} on {m.encoder}, crop {d.crop_size}, batch {d.batch_size}, "
+        f"{t.max_epochs} epochs, {t.precision}, {t.accelerator} x{t.devices} "
+        f"({threads} threads); {train_images} train / {val_images} val images; "
+        f"config in {folder / 'config.yaml'}"
+    )
+
+
 def train(config: Config, resume: bool = False, track: bool = True) -> SegmentationTask:
     """Train from a config; checkpoints go to :func:`run_dir`. Returns the trained task.
 
@@ -525,6 +525,8 @@ def train(config: Config, resume: bool = False, track: bool = True) -> Segmentat
     norm = preprocessing(config.model.encoder)
     train_loader, val_loader, train_data = build_loaders(config, norm["mean"], norm["std"])
     task = SegmentationTask(config, train_data.tree.to_dict())
+    save_resolved_config(config, folder)
+    rank_zero_info(start_line(config, folder, len(train_loader.dataset), len(val_loader.dataset)))
     if config.model.init and not resume:
         init_weights(task, config.model.init)
     trainer = build_trainer(config, folder, track)
