@@ -406,3 +406,39 @@ def test_person_crops_use_the_trees_background_value(tmp_path):
         for target in [crops[i][1].numpy()]
     ]
     assert all(hits), f"{hits.count(False)} of {len(hits)} person crops hold no person"
+
+
+@pytest.mark.slow
+def test_frozen_encoder_epochs_keep_the_imagenet_encoder_then_train_it(tiny_data, tmp_path):
+    """optim.freeze_encoder_epochs: weights and BatchNorm statistics of the encoder stay those of
+    ImageNet while the decoder trains; after the frozen epochs the encoder trains too."""
+    from hiseg.models import create_model
+
+    imagenet = create_model("fpn", "tf_efficientnet_lite0", load_tree("pascal-person-part"))
+    start = {k: v.clone() for k, v in imagenet.net.encoder.state_dict().items()}
+    frozen = {"optim.freeze_encoder_epochs": 1, "trainer.max_epochs": 1, "name": "frozen"}
+    task = train(tiny_config(tiny_data, tmp_path, **frozen), track=False)
+    after = task.model.net.encoder.state_dict()
+    changed = [k for k in start if not torch.equal(start[k].float(), after[k].float().cpu())]
+    assert changed == [] or all(k.endswith("num_batches_tracked") for k in changed), changed[:3]
+    assert not torch.equal(
+        imagenet.net.decoder.state_dict()["p5.weight"], task.model.net.decoder.state_dict()["p5.weight"]
+    )
+    more = {**frozen, "trainer.max_epochs": 2}
+    task = train(tiny_config(tiny_data, tmp_path, **more), resume=True, track=False)
+    after = task.model.net.encoder.state_dict()
+    assert any(not torch.equal(start[k].float(), after[k].float().cpu()) for k in start)
+
+
+@pytest.mark.slow
+def test_ema_weights_are_validated_saved_and_loaded_for_prediction(tiny_data, tmp_path):
+    """trainer.ema_decay: the checkpoint's model weights are the average (what load_checkpoint
+    and export use), the raw weights are kept beside them to resume training."""
+    config = tiny_config(tiny_data, tmp_path, **{"trainer.ema_decay": 0.5, "trainer.max_epochs": 2})
+    train(config, track=False)
+    saved = torch.load(tmp_path / "tiny" / "last.ckpt", weights_only=True)
+    averaged, raw = saved["state_dict"], saved["current_model_state"]
+    key = next(k for k in averaged if k.endswith("segmentation_head.0.weight"))
+    assert not torch.equal(averaged[key], raw[key])
+    model, _ = load_checkpoint(tmp_path / "tiny" / "last.ckpt")
+    assert torch.equal(model.state_dict()[key.removeprefix("model.")], averaged[key])

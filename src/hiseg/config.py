@@ -102,6 +102,9 @@ class OptimConfig:
     warmup_steps: int = _bounded(100, low=0)
     schedule: Literal["cosine", "poly"] = "cosine"
     min_lr_ratio: float = _bounded(0.01, low=0, high=1)
+    # Staged unfreezing: the encoder (ImageNet weights) stays frozen while the freshly initialised
+    # decoder and head train alone for this many epochs, then everything trains.
+    freeze_encoder_epochs: int = _bounded(0, low=0)
 
 
 @dataclass
@@ -118,6 +121,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = _bounded(200, low=0)  # also refresh last.ckpt in an epoch
     limit_train_batches: int | float | None = None  # batches per epoch, or a share of them
     log_every_n_steps: int = _bounded(10, low=1)
+    # Exponential moving average of the weights (e.g. 0.999): validated, saved and exported.
+    ema_decay: float | None = _bounded(None, low=0, high=0.99999)
     progress_bar: bool | Literal["auto"] = "auto"  # auto: a bar on a terminal, else log lines
 
     def _check(self, where: str) -> None:

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import (
     Callback,
     Checkpoint,
     EarlyStopping,
+    EMAWeightAveraging,
     ModelCheckpoint,
     RichProgressBar,
 )
@@ -266,6 +267,23 @@ class History(Callback):
             writer.writerow(row)
 
 
+class FreezeEncoder(Callback):
+    """Staged unfreezing: the pretrained encoder is frozen (no gradients, BatchNorm statistics
+    kept) for the first ``epochs`` epochs, so the randomly initialised decoder cannot wreck its
+    ImageNet features with large early gradients; then everything trains. Decided per epoch
+    from the epoch number, so a resumed run freezes exactly when the uninterrupted one would."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        frozen = trainer.current_epoch < self.epochs
+        encoder = pl_module.model.net.encoder
+        encoder.requires_grad_(not frozen)
+        if frozen:
+            encoder.eval()
+
+
 class SampleImages(Callback):
     """A few val images (ground truth | prediction overlays) logged to MLflow each epoch."""
 
@@ -316,6 +334,10 @@ def build_trainer(config: Config, folder: Path, track: bool) -> L.Trainer:
     ]
     bar = use_progress_bar(t.progress_bar)
     callbacks.append(RichProgressBar() if bar else ProgressLog(t.log_every_n_steps))
+    if t.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
+    if config.optim.freeze_encoder_epochs:
+        callbacks.append(FreezeEncoder(config.optim.freeze_encoder_epochs))
     if t.early_stopping_patience:
         callbacks.append(
             EarlyStopping(monitor="val/score", mode="max", patience=t.early_stopping_patience)
