@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from conftest import ROOT, tiny_config  # noqa: E402
+from conftest import ROOT, tiny_config
 
-from hiseg.progress import ProgressLog, format_duration  # noqa: E402
-from hiseg.training import train  # noqa: E402
+from hiseg.progress import ProgressLog, format_duration
+from hiseg.training import train
 
 PROGRESS = re.compile(
     r"epoch (\d+)/(\d+) step (\d+)/(\d+) \(batch \d+/\d+\) loss (?:[\d.]+|\?) ([\d.]+) img/s "
@@ -60,7 +60,8 @@ def test_a_line_every_n_steps_and_at_least_every_interval():
     now[0] += 61.0
     trainer.global_step = 6
     log.on_train_batch_end(trainer, None, None, batch, 5)
-    assert len(lines) == 2 and float(PROGRESS.search(lines[1]).group(5)) == pytest.approx(8 / 61, abs=0.05)
+    assert len(lines) == 2
+    assert float(PROGRESS.search(lines[1]).group(5)) == pytest.approx(8 / 61, abs=0.05)
 
 
 def test_durations_read_as_clock_times():
