@@ -497,6 +497,17 @@ def predict_command(
     zoom: bool = ZOOM,
     clean: int | None = CLEAN,
     max_frames: int | None = typer.Option(None, help="Stop videos/webcams after N frames."),
+    smooth: bool = typer.Option(
+        True,
+        "--smooth/--no-smooth",
+        help="Smooth videos and webcams over time: less flicker (images are never affected).",
+    ),
+    smooth_strength: float | None = typer.Option(
+        None,
+        "--smooth-strength",
+        help="Weight of the past frames in smoothing, 0 to 0.95 (default 0.7); only uncertain "
+        "pixels are blended.",
+    ),
 ) -> None:
     """Segment images, folders, videos or a webcam; results are saved under --out.
 
@@ -510,6 +521,8 @@ def predict_command(
     if not texts:
         raise fail("nothing to segment: give images, folders, globs, videos or --source 0")
     at_least("--max-frames", max_frames, 1)
+    if smooth_strength is not None:
+        in_range("--smooth-strength", smooth_strength, 0.0, 0.95)
     options = predictor_options(threads, long_side, scales, clean)
     found = expand_sources(texts)
     if out.resolve() in {folder.resolve() for folder in found.folders}:
@@ -517,8 +530,16 @@ def predict_command(
     saver = Saver(out, levels=levels, summary=summary)
     predictor = load_predictor(model, backend, flip, tile, zoom, options)
     sources = found.sources
+    smoother = None
+    if smooth:
+        from hiseg.video import DEFAULT_STRENGTH, TemporalSmoother
+
+        strength = DEFAULT_STRENGTH if smooth_strength is None else smooth_strength
+        smoother = TemporalSmoother(strength)
     with stop_on_signals() as stop, progress_bar(len(sources), "segmenting") as advance:
-        report = run(predictor, sources, saver, max_frames, lambda: advance(1), stop=stop)
+        report = run(
+            predictor, sources, saver, max_frames, lambda: advance(1), stop=stop, smoother=smoother
+        )
         n_ok = report.done - len(report.failed)
         report.failed[:0] = found.failed
         summary_path = saver.write_summary(report, len(sources))

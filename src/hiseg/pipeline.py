@@ -148,6 +148,15 @@ class Probabilities:
         assert self._small is not None and self._geometry is not None
         return (self._small.shape[0], *self._geometry.original_hw)
 
+    def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> Probabilities:
+        """``fn`` applied to the (leaves, h, w) map at the resolution it is kept at (network
+        resolution unless only a full-size map exists), so per-pixel steps such as temporal
+        smoothing cost little; ``fn`` must keep the shape."""
+        if self._small is None:
+            return Probabilities.from_full(fn(self._full))
+        small = fn(self._small)
+        return Probabilities(small, self._geometry, small if self._full is self._small else None)
+
     def full(self) -> np.ndarray:
         """(leaves, H, W) float32 at the image's size (bilinear, as ``cv2.resize``)."""
         if self._full is None:

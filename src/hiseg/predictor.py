@@ -397,11 +397,14 @@ class Predictor:
 
     # -- predictions ------------------------------------------------------------------------
 
-    def predict(self, image: ImageLike) -> Result:
+    def predict(
+        self, image: ImageLike, adjust: Callable[[Probabilities], Probabilities] | None = None
+    ) -> Result:
         """One image: an RGB uint8 array, a PIL image or a path (see :func:`hiseg.images.as_rgb`
-        for the other arrays accepted); a bad one raises its :class:`HisegError`."""
+        for the other arrays accepted); a bad one raises its :class:`HisegError`. ``adjust``
+        changes the probabilities before decoding (videos' temporal smoothing)."""
         image, path = as_rgb(image)
-        return self._predict([image], [path])[0]
+        return self._predict([image], [path], adjust)[0]
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[Result | HisegError]:
         """Several images, ``batch_size`` per network call, each result equal to ``predict``'s.
@@ -423,7 +426,12 @@ class Predictor:
             out.extend(r if isinstance(r, HisegError) else next(done) for r in read)
         return out
 
-    def _predict(self, images: Sequence[np.ndarray], paths: Sequence[Path | None]) -> list[Result]:
+    def _predict(
+        self,
+        images: Sequence[np.ndarray],
+        paths: Sequence[Path | None],
+        adjust: Callable[[Probabilities], Probabilities] | None = None,
+    ) -> list[Result]:
         """RGB uint8 images -> results. One look (no multi-scale, tiling or zoom) is decoded
         from the network-resolution probabilities (:meth:`Probabilities.decode`, exact);
         otherwise the refinements work on full-size probabilities."""
@@ -433,6 +441,8 @@ class Predictor:
                 probs = looks[0]
             else:
                 probs = Probabilities.from_full(self._refined(image, _full(looks)))
+            if adjust:
+                probs = adjust(probs)
             labels = probs.decode(self.tree)
             if self.clean:
                 labels = clean_labels(probs, labels, self.tree, self.clean)

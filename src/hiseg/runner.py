@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -33,6 +32,7 @@ from hiseg.errors import HisegError
 from hiseg.images import IMAGE_SUFFIXES, ImageReadError
 from hiseg.predictor import Predictor, Result
 from hiseg.taxonomy import Tree
+from hiseg.video import TemporalSmoother, segment_video
 from hiseg.visualize import colorize
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -290,14 +290,17 @@ class Saver:
         max_frames: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         stop: StopRequest | None = None,
+        smoother: TemporalSmoother | None = None,
     ) -> Path:
         """``<stem>_overlay.mp4``; a stop request ends it early with the frames done kept."""
         self.summary_file()
         (path,) = self.claim(source.stem, lambda s: [f"{s}_overlay.mp4"])
+
+        def write(tmp: Path) -> None:
+            segment_video(predictor, source, tmp, max_frames, progress, stop, smoother)
+
         try:
-            publish(
-                path, lambda tmp: segment_video(predictor, source, tmp, max_frames, progress, stop)
-            )
+            publish(path, write)
         except BaseException:
             _unlink([path])
             raise
@@ -374,63 +377,6 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(s, handler)
 
 
-def frames(source: Source) -> tuple[Iterator[np.ndarray], float, int]:
-    """RGB frames of a video or webcam, its frame rate and frame count (0 when unknown)."""
-    if source.camera is not None:
-        capture = cv2.VideoCapture(source.camera)
-    else:
-        capture = cv2.VideoCapture(str(source.path))
-    if not capture.isOpened():
-        raise ImageReadError(str(source), "cannot open the video or camera")
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else 0
-
-    def read() -> Iterator[np.ndarray]:
-        try:
-            while True:
-                ok, frame = capture.read()
-                if not ok:
-                    break
-                yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        finally:
-            capture.release()
-
-    return read(), fps, max(count, 0)
-
-
-def segment_video(
-    predictor: Predictor,
-    source: Source,
-    out: Path,
-    max_frames: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    stop: StopRequest | None = None,
-) -> None:
-    """Annotated video (overlay with legend) written frame by frame to ``out``. A stop request
-    ends it after the current frame, keeping the frames done (the usual end of a webcam)."""
-    stream, fps, count = frames(source)
-    writer = None
-    n = 0
-    try:
-        for frame in stream:
-            picture = cv2.cvtColor(predictor.predict(frame).overlay(), cv2.COLOR_RGB2BGR)
-            if writer is None:
-                fourcc = cv2.VideoWriter.fourcc(*"mp4v")
-                h, w = picture.shape[:2]
-                writer = cv2.VideoWriter(str(out), fourcc, fps, (w, h))
-            writer.write(picture)
-            n += 1
-            if progress:
-                progress(n, count)
-            if (max_frames and n >= max_frames) or (stop and stop.signum):
-                break
-    finally:
-        if writer is not None:
-            writer.release()
-    if n == 0:
-        raise ImageReadError(str(source), "no frames could be read")
-
-
 def run(
     predictor: Predictor,
     sources: list[Source],
@@ -439,10 +385,12 @@ def run(
     on_image: Callable[[], None] | None = None,
     on_frame: Callable[[int, int], None] | None = None,
     stop: StopRequest | None = None,
+    smoother: TemporalSmoother | None = None,
 ) -> RunReport:
     """Segment every source, saving as it goes; failures are collected, never fatal. A stop
     request (see :func:`stop_on_signals`) or a KeyboardInterrupt ends the run early with every
-    finished input saved whole and nothing of the others."""
+    finished input saved whole and nothing of the others. ``smoother`` smooths videos and
+    webcams over time, never images."""
     report = RunReport()
     try:
         for source in sources:
@@ -458,7 +406,7 @@ def run(
                         {**result.summary(), "outputs": [p.name for p in paths]}
                     )
                 else:
-                    path = saver.save_video(predictor, source, max_frames, on_frame, stop)
+                    path = saver.save_video(predictor, source, max_frames, on_frame, stop, smoother)
                     report.saved.append(path)
                     if stop and stop.signum:  # the video was cut short
                         report.stopped = stop.signum

@@ -1,0 +1,291 @@
+"""Videos and webcams: temporal smoothing of the per-frame probabilities, and pipelined I/O.
+
+Each frame is segmented on its own, so where the network hesitates (borders, small parts, noise)
+labels flicker from frame to frame. :class:`TemporalSmoother` blends each frame's leaf
+probabilities with the previous frame's smoothed ones before decoding, at network resolution.
+How much of the past is kept is decided per pixel, so a moving person leaves no ghost:
+
+- ``blend`` (MediaPipe's segmentation smoothing, for several classes): the weight of the past is
+  ``strength * (1 - margin)``, ``margin`` being the current frame's gap between its two likeliest
+  leaves, so only uncertain pixels are blended; a confident pixel is the current frame's.
+- ``ema``: an exponential moving average, weight ``strength``, kept only where the current frame
+  agrees with the past (``1 -`` their total variation distance), so where the picture changed
+  the past is dropped.
+
+:func:`segment_video` overlaps reading and decoding frames (one thread), the network (the calling
+thread) and drawing and encoding the overlay (one thread), with bounded queues between them, so a
+video runs at the network's speed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import cv2
+import numpy as np
+
+from hiseg.images import ImageReadError
+from hiseg.pipeline import Probabilities
+
+if TYPE_CHECKING:
+    from hiseg.predictor import Predictor, Result
+    from hiseg.runner import Source, StopRequest
+
+SMOOTHING_METHODS = ("blend", "ema")
+#: The weight of the past, chosen on benchmarks/video_consistency.md.
+DEFAULT_STRENGTH = 0.7
+#: Frames that may wait between two stages: enough to absorb jitter, little memory or latency.
+QUEUE_DEPTH = 4
+
+_T = TypeVar("_T")
+
+
+class TemporalSmoother:
+    """Blends each frame's leaf probabilities with the previous frame's smoothed ones (see the
+    module doc). One per video: the first frame, or a frame of another size, starts afresh."""
+
+    def __init__(self, strength: float = DEFAULT_STRENGTH, method: str = "blend"):
+        if method not in SMOOTHING_METHODS:
+            raise ValueError(
+                f"unknown smoothing method '{method}' ({', '.join(SMOOTHING_METHODS)})"
+            )
+        if not 0 <= strength < 1:
+            raise ValueError(f"smoothing strength must be in [0, 1), not {strength}")
+        self.strength, self.method = strength, method
+        self._previous: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self._previous = None
+
+    def __call__(self, probs: Probabilities) -> Probabilities:
+        return probs.map(self.smooth)
+
+    def smooth(self, current: np.ndarray) -> np.ndarray:
+        """(leaves, H, W) probabilities of this frame -> smoothed ones (a new array)."""
+        previous = self._previous
+        if previous is None or previous.shape != current.shape:
+            out = current.copy()
+        else:
+            keep = self.past_weight(current, previous)
+            out = previous - current
+            out *= keep
+            out += current
+        self._previous = out
+        return out
+
+    def past_weight(self, current: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        """(H, W) weight of ``previous`` in each pixel's blend."""
+        if self.method == "blend":
+            top2 = np.partition(current, -2, axis=0)[-2:]
+            return self.strength * (1 - (top2[1] - top2[0]))
+        distance = np.abs(current - previous).sum(axis=0)
+        distance *= 0.5
+        return self.strength * (1 - distance)
+
+
+# -- frames in, frames out --------------------------------------------------------------------
+
+
+def frames(source: Source) -> tuple[Iterator[np.ndarray], float, int]:
+    """RGB frames of a video or webcam, its frame rate and frame count (0 when unknown)."""
+    if source.camera is not None:
+        capture = cv2.VideoCapture(source.camera)
+    else:
+        capture = cv2.VideoCapture(str(source.path))
+    if not capture.isOpened():
+        raise ImageReadError(str(source), "cannot open the video or camera")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else 0
+
+    def read() -> Iterator[np.ndarray]:
+        try:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        finally:
+            capture.release()
+
+    return read(), fps, max(count, 0)
+
+
+def _put(items: queue.Queue, item: Any, cancelled: threading.Event) -> bool:
+    """``items.put(item)`` unless ``cancelled`` is set first (the other side is gone)."""
+    while not cancelled.is_set():
+        try:
+            items.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def read_ahead(stream: Iterable[_T], depth: int = QUEUE_DEPTH) -> Iterator[_T]:
+    """The items of ``stream``, produced by a thread up to ``depth`` ahead of the consumer. Its
+    errors are raised here; closing this iterator stops the thread and closes ``stream``."""
+    items: queue.Queue = queue.Queue(depth)
+    cancelled = threading.Event()
+
+    def produce() -> None:
+        iterator = iter(stream)
+        try:
+            for item in iterator:
+                if not _put(items, item, cancelled):
+                    return
+            _put(items, _END, cancelled)
+        except BaseException as err:  # handed to the consumer, raised there
+            _put(items, _Failure(err), cancelled)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close:
+                close()
+
+    thread = threading.Thread(target=produce, name="hiseg-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        cancelled.set()
+        thread.join()
+
+
+class Background(Generic[_T]):
+    """``consume(item)`` for each item :meth:`put`, in a thread, at most ``depth`` waiting. Its
+    first error is raised by the next :meth:`put` or by :meth:`close`; :meth:`abandon` drops
+    what waits."""
+
+    def __init__(self, consume: Callable[[_T], None], depth: int = QUEUE_DEPTH):
+        self._items: queue.Queue = queue.Queue(depth)
+        self._failed = threading.Event()
+        self._abandoned = threading.Event()
+        self._error: BaseException | None = None
+        self._consume = consume
+        self._thread = threading.Thread(target=self._work, name="hiseg-write", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            while (item := self._items.get()) is not _END:
+                if not self._abandoned.is_set():
+                    self._consume(item)
+        except BaseException as err:
+            self._error = err
+            self._failed.set()
+
+    def put(self, item: _T) -> None:
+        if not _put(self._items, item, self._failed):
+            self._raise()
+
+    def close(self) -> None:
+        """Waits for the items put so far to be consumed."""
+        _put(self._items, _END, self._failed)
+        self._thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        """Stops after the item being consumed, dropping the others; raises nothing."""
+        self._abandoned.set()
+        _put(self._items, _END, self._failed)
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class Inline(Generic[_T]):
+    """:class:`Background`'s interface, consuming in the caller's thread (sequential runs)."""
+
+    def __init__(self, consume: Callable[[_T], None]):
+        self.put = consume
+
+    def close(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+
+class OverlayWriter:
+    """Draws each result's overlay and appends it to an mp4 made on the first frame."""
+
+    def __init__(self, out: Path, fps: float):
+        self.out, self.fps = out, fps
+        self.count = 0
+        self._writer: cv2.VideoWriter | None = None
+
+    def __call__(self, result: Result) -> None:
+        picture = cv2.cvtColor(result.overlay(), cv2.COLOR_RGB2BGR)
+        if self._writer is None:
+            h, w = picture.shape[:2]
+            self._writer = cv2.VideoWriter(
+                str(self.out), cv2.VideoWriter.fourcc(*"mp4v"), self.fps, (w, h)
+            )
+        self._writer.write(picture)
+        self.count += 1
+
+    def release(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+
+
+def segment_video(
+    predictor: Predictor,
+    source: Source,
+    out: Path,
+    max_frames: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    stop: StopRequest | None = None,
+    smoother: TemporalSmoother | None = None,
+    pipelined: bool = True,
+) -> None:
+    """Annotated video (overlay with legend) written frame by frame to ``out``; ``smoother``
+    (reset first) smooths the probabilities over time. A stop request ends it after the current
+    frame, keeping the frames done (the usual end of a webcam). ``pipelined=False`` does every
+    step in this thread, one frame after the other (same frames, slower)."""
+    stream, fps, count = frames(source)
+    if smoother:
+        smoother.reset()
+    writer = OverlayWriter(out, fps)
+    output: Background[Result] | Inline[Result] = (
+        Background(writer) if pipelined else Inline(writer)
+    )
+    reader = read_ahead(stream) if pipelined else stream
+    n = 0
+    try:
+        for frame in reader:
+            output.put(predictor.predict(frame, smoother))
+            n += 1
+            if progress:
+                progress(n, count)
+            if (max_frames and n >= max_frames) or (stop and stop.signum):
+                break
+    except BaseException:
+        output.abandon()
+        raise
+    else:
+        output.close()
+    finally:
+        reader.close()  # type: ignore[attr-defined]
+        writer.release()
+    if writer.count == 0:
+        raise ImageReadError(str(source), "no frames could be read")

@@ -1,0 +1,214 @@
+"""Videos: temporal smoothing (less flicker, no ghost, images untouched) and pipelined I/O."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import hiseg
+from hiseg.cli import app
+from hiseg.pipeline import Geometry, Probabilities
+from hiseg.runner import Saver, Source, run
+from hiseg.video import Background, TemporalSmoother, read_ahead, segment_video
+
+METHODS = ["blend", "ema"]
+FAST = ["-m", "person", "--long-side", "96", "--threads", "1"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=0))
+    return (e / e.sum(axis=0)).astype(np.float32)
+
+
+def flips(label_maps: list[np.ndarray]) -> float:
+    return float(np.mean([(a != b).mean() for a, b in zip(label_maps, label_maps[1:])]))
+
+
+def smoothed(smoother: TemporalSmoother, sequence: list[np.ndarray]) -> list[np.ndarray]:
+    return [smoother.smooth(probs).argmax(axis=0) for probs in sequence]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_smoothing_reduces_flicker_on_a_noisy_still_scene(method):
+    """A still scene where the network hesitates (small margins, noise): labels flip from frame
+    to frame on their own; smoothed, far fewer flip, and they stay right where it was sure."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((48, 48), np.intp)
+    truth[:, 24:] = 1
+    base = np.stack([truth == c for c in range(3)]).astype(np.float32) * 0.6
+    sequence = [softmax(base + rng.normal(0, 0.5, base.shape)) for _ in range(30)]
+    raw = [p.argmax(axis=0) for p in sequence]
+    smooth = smoothed(TemporalSmoother(0.7, method), sequence)
+    assert flips(raw) > 0.2
+    assert flips(smooth) < 0.6 * flips(raw), (flips(smooth), flips(raw))
+    assert np.mean([(s != truth).mean() for s in smooth[5:]]) < np.mean(
+        [(r != truth).mean() for r in raw[5:]]
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_moving_person_leaves_no_ghost(method):
+    """A confident square moving 4 pixels a frame: the pixels it left are background at once,
+    as unsmoothed, instead of trailing behind as a moving average makes them."""
+    smoother = TemporalSmoother(0.9, method)
+    for t in range(8):
+        truth = np.zeros((40, 80), np.intp)
+        truth[10:30, 10 + 4 * t : 30 + 4 * t] = 1
+        probs = np.where(truth == 1, [[[0.05]], [[0.95]]], [[[0.95]], [[0.05]]])
+        labels = smoother.smooth(probs.astype(np.float32)).argmax(axis=0)
+        np.testing.assert_array_equal(labels, truth, err_msg=f"frame {t}")
+
+
+def test_smoothing_works_at_network_resolution_and_restarts_on_another_size():
+    small = softmax(np.random.default_rng(1).normal(0, 1, (3, 12, 16)))
+    geometry = Geometry((24, 32), (12, 16), (16, 16))
+    smoother = TemporalSmoother(0.8)
+    smoother(Probabilities.from_network(small, geometry))
+    second = smoother(Probabilities.from_network(small[:, ::-1].copy(), geometry))
+    assert second.shape == (3, 24, 32)  # still the image's size, smoothed on the 12 x 16 map
+    assert not np.allclose(second.full(), Probabilities.from_network(small[:, ::-1], geometry))
+    other = softmax(np.random.default_rng(2).normal(0, 1, (3, 8, 8)))
+    np.testing.assert_array_equal(smoother.smooth(other), other)  # a new size starts afresh
+
+
+def test_bad_smoothing_settings_are_refused():
+    with pytest.raises(ValueError, match="strength"):
+        TemporalSmoother(1.0)
+    with pytest.raises(ValueError, match="method 'median'"):
+        TemporalSmoother(0.5, "median")
+
+
+# -- through the predictor and the runner -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    """The person model: at this size it sees the drawn people (the part model sees none)."""
+    return hiseg.load("person", long_side=96, threads=1)
+
+
+@pytest.fixture(scope="module")
+def clip(synthetic_photo, tmp_path_factory) -> Path:
+    """6 frames of 160 x 120 of drawn people, panning and noisy."""
+    photo = cv2.resize(np.asarray(Image.open(synthetic_photo)), (184, 120), cv2.INTER_AREA)
+    rng = np.random.default_rng(3)
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 10, (160, 120))
+    for t in range(6):
+        frame = photo[:, 4 * t : 4 * t + 160] + rng.normal(0, 8, (120, 160, 3))
+        writer.write(frame.clip(0, 255).astype(np.uint8)[..., ::-1].copy())
+    writer.release()
+    return path
+
+
+def video_frames(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return out
+        out.append(frame)
+
+
+def test_pipelined_video_gives_the_frames_of_a_sequential_run(predictor, clip, tmp_path):
+    outs = {}
+    for pipelined in (False, True):
+        outs[pipelined] = tmp_path / f"{pipelined}.mp4"
+        segment_video(
+            predictor,
+            Source("video", clip),
+            outs[pipelined],
+            smoother=TemporalSmoother(0.8),
+            pipelined=pipelined,
+        )
+    sequential, pipelined = video_frames(outs[False]), video_frames(outs[True])
+    assert len(sequential) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(sequential, pipelined, strict=True))
+
+
+def test_a_still_image_is_unaffected_by_smoothing(predictor, clip, tmp_path):
+    """After a video of the same size, with strong smoothing on, an image's labels are exactly
+    its own prediction's."""
+    frame = cv2.cvtColor(video_frames(clip)[-1], cv2.COLOR_BGR2RGB)[:, ::-1]
+    image = tmp_path / "still.png"
+    Image.fromarray(frame).save(image)
+    saver = Saver(tmp_path / "out")
+    sources = [Source("video", clip), Source("image", image)]
+    report = run(predictor, sources, saver, smoother=TemporalSmoother(0.95))
+    assert not report.failed, report.failed
+    saved = np.asarray(Image.open(tmp_path / "out" / "still.png"))
+    np.testing.assert_array_equal(saved, predictor.predict(image).labels)
+
+
+@pytest.mark.parametrize("option", ["--smooth", "--no-smooth"])
+def test_cli_video_with_and_without_smoothing(clip, tmp_path, option):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(clip), *FAST, option, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(video_frames(out / "clip_overlay.mp4")) == 6
+
+
+def test_cli_refuses_a_smoothing_strength_out_of_range(clip, tmp_path):
+    args = ["predict", str(clip), *FAST, "--smooth-strength", "1.5", "-o", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--smooth-strength must be between 0 and 0.95, not 1.5" in result.output
+
+
+# -- the pipeline's threads -------------------------------------------------------------------
+
+
+def test_read_ahead_raises_the_producers_error_after_its_items():
+    def produce():
+        yield from range(3)
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in read_ahead(produce(), depth=1):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+
+def test_closing_read_ahead_stops_its_thread_and_closes_the_source():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+
+    items = read_ahead(endless(), depth=2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    assert closed.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "hiseg-read"]
+
+
+def test_background_consumes_in_order_and_raises_its_error():
+    seen = []
+    background = Background(seen.append, depth=2)
+    for i in range(20):
+        background.put(i)
+    background.close()
+    assert seen == list(range(20))
+
+    def fail(item):
+        raise ValueError(f"cannot encode {item}")
+
+    failing = Background(fail, depth=1)
+    with pytest.raises(ValueError, match="cannot encode 0"):
+        for i in range(10):
+            failing.put(i)
+        failing.close()
