@@ -691,3 +691,55 @@ def bench_command(
         f"--runs {runs} --warmup {warmup} --out {out}"
     )
     console.print(f"saved {write_markdown(rows, out, command)}", highlight=False)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_command(
+    model: list[str] | None = typer.Option(
+        None, "--model", "-m", help="Model to serve (name or .onnx); repeat for several (default: "
+        "every bundled model, the first is the default)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: str | None = typer.Option(
+        None, envvar="HISEG_API_KEY", help="Key required on every /v1 call (X-API-Key header)."
+    ),
+    cors: list[str] | None = typer.Option(
+        None, "--cors", help="Origin allowed to call from a browser; repeatable (default: none)."
+    ),
+    workers: int | None = typer.Option(
+        None, help="Inferences at once (default: the number of cores)."
+    ),
+    queue: int = typer.Option(8, help="Requests waiting beyond the workers; more get 503."),
+    timeout: float = typer.Option(60.0, help="Seconds per request before 504."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest upload in MB (413 above)."),
+    max_pixels: int = typer.Option(40_000_000, help="Largest image in pixels (413 above)."),
+    long_side: int | None = LONG_SIDE,
+) -> None:
+    """Serve the REST API (/v1/segment, /v1/models, /healthz, /docs) and the web page at /."""
+    try:
+        from hiseg.service import Settings, serve
+    except ImportError as err:
+        raise fail(f"hiseg serve needs pip install 'hiseg[serve]' ({err})") from None
+
+    at_least("--queue", queue, 0)
+    at_least("--max-pixels", max_pixels, 1)
+    in_range("--port", port, 0, 65535)
+    in_range("--timeout", timeout, 0.1, 3600)
+    in_range("--max-upload-mb", max_upload_mb, 0.001, 1024)
+    settings = Settings(
+        api_key=api_key or None,
+        cors=list(cors or []),
+        workers=cpu_threads(workers, "--workers") or os.cpu_count() or 1,
+        queue=queue,
+        timeout=timeout,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_pixels=max_pixels,
+        long_side=check_long_side("--long-side", long_side),
+    )
+    if model:
+        settings.models = list(model)
+    serve(settings, host, port)

@@ -9,6 +9,7 @@ PIL image, an array of any common dtype and layout) into that RGB uint8 array, o
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -43,6 +44,10 @@ class ImageReadError(HisegError, OSError):
         super().__init__(f"{path}: {reason}")
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image over the pixel limit, refused from its header (a service answers 413)."""
+
+
 class ImageInputError(HisegError, ValueError):
     """An image passed to the Python API is not one hiseg can read; the message says what is."""
 
@@ -61,13 +66,18 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageReadError(path, "is a folder, not an image")
     if not path.is_file():  # reading a pipe would wait for a writer forever
         raise ImageReadError(path, "not a regular file (a pipe, socket or device)")
+    return _decode(path, path, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, path: str | Path, max_pixels: int) -> Image.Image:
+    """Open and fully decode ``source`` (a file or bytes); errors name ``path``."""
     try:
         with warnings.catch_warnings():
             # hiseg's own limit below applies, not Pillow's lower warning threshold (89.5 Mpx)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)  # reads the header only
+            img = Image.open(source)  # reads the header only
             if img.width * img.height > max_pixels:
-                raise ImageReadError(path, _over_limit(img.width, img.height, max_pixels))
+                raise ImageTooLargeError(path, _over_limit(img.width, img.height, max_pixels))
             img.load()  # decode now: truncated data raises here, not later
     except ImageReadError:
         raise
@@ -81,7 +91,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
             if max_pixels <= bomb
             else "Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS)"
         )
-        raise ImageReadError(path, f"image is over {bomb / 1e6:.0f} Mpx, over {limit}") from None
+        reason = f"image is over {bomb / 1e6:.0f} Mpx, over {limit}"
+        raise ImageTooLargeError(path, reason) from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower():
@@ -112,11 +123,22 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image file as an upright (EXIF-rotated) RGB uint8 array of shape (H, W, 3)."""
     path = Path(path)
-    img = _open(path, max_pixels)
+    return _upright_rgb(_open(path, max_pixels), path)
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (an upload) -> RGB uint8, with exactly :func:`read_image`'s checks;
+    errors name ``name``."""
+    if not data:
+        raise ImageReadError(name, "empty (no bytes)")
+    return _upright_rgb(_decode(io.BytesIO(data), name, max_pixels), name)
+
+
+def _upright_rgb(img: Image.Image, name: str | Path) -> np.ndarray:
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as err:  # a broken EXIF block must not hide a readable image
-        warnings.warn(f"{path}: EXIF orientation ignored ({err})", stacklevel=2)
+        warnings.warn(f"{name}: EXIF orientation ignored ({err})", stacklevel=2)
     return to_rgb(img)
 
 
