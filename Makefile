@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # torch/torchvision pinned to the releases this machine kind serves locally (see the file).
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test lint clean-venv bench-person
+.PHONY: demo test lint clean-venv bench-person browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ demo: $(VENV)/.runtime
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks
 
-test: lint
+# The browser test drives Debian's Chromium (Playwright never downloads a browser here). Installed
+# once when missing (needs root, as on CI); elsewhere that test skips and says why.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium) || echo "note: no $(CHROMIUM): the browser test skips"
+
+test: lint browser
 	$(BIN)/pytest
 
 clean-venv:
