@@ -54,6 +54,10 @@ class HierarchicalLoss(nn.Module):
     After each forward pass, ``last_parts`` maps each term's name to its (unweighted) value.
     """
 
+    # Buffers: declared so their type is Tensor, not the Tensor | Module of nn.Module.__getattr__.
+    same_level: torch.Tensor
+    same_side: torch.Tensor
+
     def __init__(
         self,
         tree: Tree,
@@ -92,7 +96,7 @@ class HierarchicalLoss(nn.Module):
         # same_side[v, t, i]: leaves t and i are both inside node v or both outside it.
         inside = torch.zeros(len(tree.nodes), tree.num_leaves, dtype=torch.bool)
         for v, node in enumerate(tree.nodes.values()):
-            values = [leaf.value for leaf in node.leaves()]
+            values = [leaf.leaf_value for leaf in node.leaves()]
             inside[v, torch.from_numpy(tree.leaf_index(values))] = True
         self.register_buffer(
             "same_side", inside[:, :, None] == inside[:, None, :], persistent=False

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from numpy.typing import ArrayLike
 
 from hiseg.errors import HisegError
 
@@ -55,6 +56,13 @@ class Node:
             node = node.parent
         return out
 
+    @property
+    def leaf_value(self) -> int:
+        """The label value of a leaf; a validated tree gives every leaf one."""
+        if self.value is None:
+            raise TreeError(f"node '{self.name}' is no leaf with a label value")
+        return self.value
+
     def leaves(self) -> list[Node]:
         return [self] if self.is_leaf else [leaf for c in self.children for leaf in c.leaves()]
 
@@ -91,8 +99,8 @@ class Tree:
         self.value_map = dict(value_map or {})
         self._validate()
         self.nodes: dict[str, Node] = {n.name: n for n in root.walk() if n is not root}
-        self.leaves: list[Node] = sorted(root.leaves(), key=lambda n: n.value)
-        self.values: list[int] = [leaf.value for leaf in self.leaves]  # type: ignore[misc]
+        self.leaves: list[Node] = sorted(root.leaves(), key=lambda n: n.leaf_value)
+        self.values: list[int] = [leaf.leaf_value for leaf in self.leaves]
         depth = max(leaf.depth for leaf in self.leaves)
         self.levels: list[Level] = [self._build_level(k) for k in range(depth)]
         self._decode_lut = self._build_decode_lut()
@@ -235,7 +243,7 @@ class Tree:
     def ancestors(self, name: str) -> list[str]:
         return [a.name for a in self.nodes[name].ancestors()]
 
-    def leaf_index(self, values: np.ndarray) -> np.ndarray:
+    def leaf_index(self, values: ArrayLike) -> np.ndarray:
         """Leaf values -> dense indices 0..num_leaves-1 (model channels); -1 for non-leaves."""
         lut = np.full(256, -1, dtype=np.int64)
         lut[self.values] = np.arange(self.num_leaves)
@@ -297,7 +305,7 @@ class Tree:
         def score(node: Node) -> np.ndarray:  # a node's probability: its children's, summed
             if node.name not in scores:
                 if node.is_leaf:
-                    scores[node.name] = channel[node.value]  # type: ignore[index]
+                    scores[node.name] = channel[node.leaf_value]
                 else:
                     total = score(node.children[0]).copy()
                     for child in node.children[1:]:

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import math
 import os
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +279,7 @@ class FreezeEncoder(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         frozen = trainer.current_epoch < self.epochs
-        encoder = pl_module.model.net.encoder
+        encoder = pl_module.get_submodule("model.net.encoder")
         encoder.requires_grad_(not frozen)
         if frozen:
             encoder.eval()
@@ -548,7 +549,9 @@ def train(config: Config, resume: bool = False, track: bool = True) -> Segmentat
     train_loader, val_loader, train_data = build_loaders(config, norm["mean"], norm["std"])
     task = SegmentationTask(config, train_data.tree.to_dict())
     save_resolved_config(config, folder)
-    rank_zero_info(start_line(config, folder, len(train_loader.dataset), len(val_loader.dataset)))
+    train_set, val_set = train_loader.dataset, val_loader.dataset
+    assert isinstance(train_set, Sized) and isinstance(val_set, Sized), "our datasets have a length"
+    rank_zero_info(start_line(config, folder, len(train_set), len(val_set)))
     if config.model.init and not resume:
         init_weights(task, config.model.init)
     trainer = build_trainer(config, folder, track)
