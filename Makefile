@@ -28,6 +28,7 @@ demo: $(VENV)/.runtime
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 # The browser test drives Debian's Chromium (Playwright never downloads a browser here). Installed
 # once when missing (needs root, as on CI); elsewhere that test skips and says why.

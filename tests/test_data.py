@@ -187,3 +187,11 @@ def test_check_flags_ids_listed_twice(tmp_path):
     assert [str(p) for p in problems] == [f"{data / 'train.txt'}: id '{ids[1]}' is listed 3 times"]
     result = check(data, "--split", "train")
     assert result.exit_code == 1 and f"id '{ids[1]}' is listed 3 times" in result.output
+
+
+def test_stats_list_an_unreadable_mask_and_count_the_rest(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", n_train=3, n_val=1)
+    (root / "masks" / "synth_001.png").write_bytes(b"not a png")
+    stats = dataset_stats(open_dataset(root, "train"))
+    assert stats.n_images == 2 and len(stats.sizes) == 2
+    assert [p.path.name for p in stats.skipped] == ["synth_001.png"]

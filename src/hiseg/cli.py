@@ -36,7 +36,7 @@ class HisegGroup(TyperGroup):
     """The one error handler of every command: a user mistake or a bad path (any HisegError, any
     OSError) prints one ``error:`` line and exits 2, never a traceback."""
 
-    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+    def invoke(self, ctx: Any) -> Any:  # Any: typer keeps its Context class private (typer._click)
         try:
             return super().invoke(ctx)
         except (HisegError, OSError) as err:

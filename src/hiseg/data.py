@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -362,7 +363,13 @@ def open_dataset(
     return FORMATS[fmt](root, split, tree)
 
 
-def parallel_map(fn: Callable, items: list, workers: int | None = None) -> Iterator:
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def parallel_map(
+    fn: Callable[[_Item], _Result], items: Iterable[_Item], workers: int | None = None
+) -> Iterator[_Result]:
     """Map in threads, in order. Image decoding releases the GIL, so threads use every core."""
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -497,17 +504,17 @@ def dataset_stats(dataset: Dataset, progress: Callable[[int], None] | None = Non
     leaf_pixels = np.zeros(256, dtype=np.int64)
     stats = DatasetStats(tree=dataset.tree, leaf_pixels=leaf_pixels)
 
-    def one(sample: Sample) -> tuple[np.ndarray | None, Problem | None]:
+    def one(sample: Sample) -> np.ndarray | Problem:
         try:
-            return dataset.read_labels(sample), None
+            return dataset.read_labels(sample)
         except ImageReadError as err:
-            return None, Problem(err.path, err.reason)
+            return Problem(err.path, err.reason)
 
-    for labels, problem in parallel_map(one, dataset.samples):
+    for labels in parallel_map(one, dataset.samples):
         if progress:
             progress(1)
-        if problem is not None or labels is None:
-            stats.skipped.append(problem)  # type: ignore[arg-type]
+        if isinstance(labels, Problem):
+            stats.skipped.append(labels)
             continue
         stats.n_images += 1
         stats.sizes.append((labels.shape[1], labels.shape[0]))

@@ -36,6 +36,12 @@ def _pyplot():
     return plt
 
 
+def _unit_rgb(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    """A 0..255 colour as matplotlib's 0..1 triple."""
+    r, g, b = rgb
+    return (r / 255, g / 255, b / 255)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -114,7 +120,7 @@ def plot_gallery(examples: list[Example], tree: Tree, path: Path) -> Path:
             ax.set_axis_off()
             ax.set_title(f"{ex.id}  mIoU {ex.miou:.3f}" if name == "image" else name, fontsize=9)
     leaves = [leaf.name for leaf in tree.leaves if leaf.name != BACKGROUND]
-    handles = [Patch(color=np.array(tree.color(n)) / 255, label=n) for n in leaves]
+    handles = [Patch(color=_unit_rgb(tree.color(n)), label=n) for n in leaves]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.9 * len(examples))))
     fig.savefig(path, dpi=90)
