@@ -88,6 +88,14 @@ class PairTransform:
         out = self.compose(image=image, mask=mask)
         return out["image"], out["mask"]
 
+    def with_maps(
+        self, image: np.ndarray, mask: np.ndarray, maps: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Also moves (C, H, W) uint8 ``maps`` (soft pseudo-labels) with the mask's geometry:
+        nearest resampling, ``IGNORE_VALUE`` where the mask is padded."""
+        out = self.compose(image=image, mask=mask, masks=maps)
+        return out["image"], out["mask"], np.asarray(out["masks"])
+
 
 def train_transform(
     size: int,

@@ -570,6 +570,58 @@ def predict_command(
         raise typer.Exit(1)
 
 
+# -- pseudo-label -----------------------------------------------------------------------------
+
+
+@app.command("pseudo-label")
+def pseudo_label_command(
+    model: list[str] | None = MODELS,
+    data: Path = typer.Option(..., "--data", help="Folder of unlabelled photos (read in place)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the labels and manifest.json; rerun to resume."
+    ),
+    mode: str = typer.Option(
+        "soft", help="soft: uint8 leaf probabilities (.npz); hard: label PNG, uncertain = ignore."
+    ),
+    threshold: float = typer.Option(
+        0.9, help="A pixel is confident when its highest leaf probability reaches this (0-1]."
+    ),
+    limit: int | None = typer.Option(None, help="Label only the first N photos."),
+    backend: str = BACKEND,
+    threads: int | None = THREADS,
+    long_side: int | None = LONG_SIDE,
+    flip: bool = FLIP,
+    scales: str = SCALES,
+    clean: int | None = CLEAN,
+) -> None:
+    """Label unlabelled photos with a teacher (one model or an ensemble, with flip/scales TTA)
+    for semi-supervised training (data.pseudo in a training config). Running the same command
+    again skips the photos already done. Exit 1 if any photo failed."""
+    from hiseg.pseudo import MODES, list_photos, pseudo_label
+
+    if not model:
+        raise fail("give the teacher with -m (repeat for an ensemble)")
+    if mode not in MODES:
+        raise fail(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
+    if not 0 < threshold <= 1:
+        raise fail(f"--threshold must be above 0 and at most 1, not {threshold:g}")
+    at_least("--limit", limit, 1)
+    options = predictor_options(threads, long_side, scales, clean)
+    predictor = load_predictor(model, backend, flip, False, False, options)
+    total = len(list_photos(data)[0]) if data.is_dir() else 0
+    with progress_bar(min(total, limit or total), "pseudo-labelling") as advance:
+        report = pseudo_label(predictor, data, out, mode, threshold, limit, advance)
+    console.print(
+        f"labelled {report.labelled} photo(s), {report.skipped} already done, "
+        f"{len(report.failed)} failed; manifest: {report.manifest}",
+        highlight=False,
+    )
+    for name, reason in report.failed:
+        err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 # -- export / bench ---------------------------------------------------------------------------
 
 

@@ -45,6 +45,15 @@ class ExtraSet:
 
 
 @dataclass
+class PseudoSet:
+    """Pseudo-labelled photos (``data.pseudo``): a folder written by ``hiseg pseudo-label``."""
+
+    root: str
+    images: str | None = None  # the photos; default: the folder its manifest names
+    weight: float = _bounded(1.0, low=0)  # loss weight of its images beside labelled ones
+
+
+@dataclass
 class DataConfig:
     root: str | None = None
     format: str = "auto"
@@ -63,6 +72,9 @@ class DataConfig:
     # More training sets, e.g. [{root: ../shared/data/pascal-person-part, split: train}];
     # labels are turned into the main set's tree (same tree, or any tree into 'person').
     extra: list[ExtraSet] = field(default_factory=list)
+    # Unlabelled photos with a teacher's labels (hiseg pseudo-label), e.g. [{root: runs/pseudo}];
+    # hard labels train like masks, soft ones through the loss's soft-target term.
+    pseudo: list[PseudoSet] = field(default_factory=list)
     # A text file of train ids to leave out (one per line, '#' starts a comment), e.g. the
     # masks a cross-validated model found to be wrong (see MODEL_CARD_person.md).
     drop: str | None = None
@@ -172,8 +184,8 @@ FREE_FORM = {"model.decoder"}
 
 def _build(cls: type, spec: Any, where: str) -> Any:
     """An instance of dataclass ``cls`` from a mapping, every key, type and range checked."""
-    if cls is ExtraSet and isinstance(spec, str):
-        spec = {"root": spec}  # data.extra entries may be just a folder
+    if cls in (ExtraSet, PseudoSet) and isinstance(spec, str):
+        spec = {"root": spec}  # data.extra and data.pseudo entries may be just a folder
     if not isinstance(spec, Mapping):
         raise ConfigError(f"config key '{where}' must be a mapping, got {spec!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -187,7 +199,7 @@ def _build(cls: type, spec: Any, where: str) -> Any:
         path = f"{where}.{name}" if where else name
         values[name] = _convert(path, hints[name], value)
         _check_range(path, fields[name].metadata, values[name])
-    if cls is ExtraSet and not values.get("root"):
+    if cls in (ExtraSet, PseudoSet) and not values.get("root"):
         raise ConfigError(f"{where}.root is not set (the dataset folder)")
     built = cls(**values)
     if hasattr(built, "_check"):  # checks across keys, e.g. a range given as [low, high]

@@ -51,6 +51,9 @@ class HierarchicalLoss(nn.Module):
       ``-log(1 - P(v))`` on every node off the true path. The min/max would only matter for
       node scores predicted independently of the leaves, which this leaf-softmax model lacks.
 
+    Soft targets (pseudo-labels): a float (B, L, H, W) target of leaf probabilities trains the
+    level terms only, as a soft-target cross-entropy on the node marginals (see :meth:`soft`).
+
     After each forward pass, ``last_parts`` maps each term's name to its (unweighted) value.
     """
 
@@ -106,7 +109,10 @@ class HierarchicalLoss(nn.Module):
         self.last_parts: dict[str, float] = {}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(B, L, H, W) leaf logits and (B, H, W) leaf indices -> the scalar loss."""
+        """(B, L, H, W) leaf logits and (B, H, W) leaf indices, or (B, L, H, W) leaf
+        probabilities (:meth:`soft`) -> the scalar loss."""
+        if target.is_floating_point():
+            return self.soft(logits, target)
         expected = (target.shape[0], self.num_leaves, *target.shape[1:])
         if logits.dim() != 4 or target.dim() != 3 or tuple(logits.shape) != expected:
             raise ValueError(
@@ -142,6 +148,35 @@ class HierarchicalLoss(nn.Module):
             if weight > 0:
                 parts[name] = extras[name]()
                 total = total + weight * parts[name]
+        self.last_parts = {name: float(value.detach()) for name, value in parts.items()}
+        return total
+
+    def soft(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Soft-target cross-entropy per level, weighted as the hard level terms:
+        ``-sum_node q(node) log P(node)``, ``q(node)`` the target's leaf probabilities summed
+        over the node (the KL divergence to ``q`` up to ``q``'s entropy, a constant). One-hot
+        targets give exactly the hard level terms. Pixels whose target sums to 0 (padding) are
+        ignored. Dice, Lovász and tree-min need hard labels and are left out."""
+        if target.shape != logits.shape or logits.dim() != 4 or logits.shape[1] != self.num_leaves:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and soft target {tuple(target.shape)} must both "
+                f"be (B, {self.num_leaves}, H, W)"
+            )
+        valid = target.sum(dim=1) > 0
+        if not valid.any():
+            self.last_parts = {}
+            return logits.sum() * 0.0
+        log_probs = F.log_softmax(logits.float(), dim=1).movedim(1, -1)[valid]  # (P, L)
+        q = target.float().movedim(1, -1)[valid]  # (P, L)
+        parts: dict[str, torch.Tensor] = {}
+        total = logits.new_zeros((), dtype=torch.float32)
+        for k, weight in enumerate(self.level_weights):
+            # log P(node of leaf t) for every t: (P, L); q-weighted, summing over leaves of a
+            # node adds up q(node) log P(node).
+            same = self.same_level[k][None]  # (1, L, L)
+            log_node = log_probs[:, None, :].masked_fill(~same, float("-inf")).logsumexp(-1)
+            parts[f"soft{k}"] = -(q * log_node).sum(-1).mean()
+            total = total + weight * parts[f"soft{k}"]
         self.last_parts = {name: float(value.detach()) for name, value in parts.items()}
         return total
 

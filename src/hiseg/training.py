@@ -43,6 +43,7 @@ from hiseg.models import ARCHITECTURES, create_model, load_checkpoint, preproces
 from hiseg.pipeline import normalize
 from hiseg.predictor import Backend, Predictor
 from hiseg.progress import ProgressLog, use_progress_bar
+from hiseg.pseudo import PseudoLabels
 from hiseg.spec import METADATA_KEY, ModelSpec
 from hiseg.taxonomy import IGNORE_VALUE, Tree
 from hiseg.visualize import overlay
@@ -77,6 +78,52 @@ class TrainSet(torch.utils.data.Dataset):
         image, labels = self.transform(image, self.relabel(labels))
         x = normalize(image, self.mean, self.std)
         return torch.from_numpy(x), torch.from_numpy(leaf_targets(labels, self.tree))
+
+
+class PseudoTrainSet(TrainSet):
+    """Pseudo-labelled photos (:class:`hiseg.pseudo.PseudoLabels`) under the same augmentation
+    as labelled ones. Hard labels are targets like masks (uncertain pixels ignored); soft labels
+    (leaf probabilities) follow the same geometry and become (leaves, H, W) float targets, zero
+    where padded. Items carry the set's loss ``weight`` as a third element."""
+
+    def __init__(self, labels: PseudoLabels, transform, mean, std, tree: Tree, weight: float):
+        super().__init__(labels, transform, mean, std, tree)
+        self.weight = weight
+        self.soft = labels.mode == "soft"
+        if self.soft and not labels.tree.same_as(self.tree):
+            raise ValueError(
+                f"{labels.root}: soft labels of tree '{labels.tree.name}' cannot train a model "
+                f"of tree '{self.tree.name}' (use --mode hard, or a teacher of that tree)"
+            )
+        self.leaf_values = np.array(self.tree.values, dtype=np.uint8)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:  # type: ignore[override]
+        if not self.soft:
+            x, y = super().__getitem__(i)
+            return x, y, self.weight
+        image, maps = self.dataset[i]
+        labels = self.leaf_values[maps.argmax(axis=0)]  # crops centre on the teacher's people
+        image, labels, maps = self.transform.with_maps(image, labels, maps)
+        probs = maps.astype(np.float32)
+        probs[:, labels == IGNORE_VALUE] = 0  # padding
+        probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-6)  # uint8 rounding
+        x = normalize(image, self.mean, self.std)
+        return torch.from_numpy(x), torch.from_numpy(probs), self.weight
+
+
+def collate_targets(items: list[tuple]) -> tuple[torch.Tensor, list[tuple]]:
+    """A training batch: the images stacked, and their targets grouped by kind (leaf indices or
+    leaf probabilities) and loss weight, as ``(batch positions, targets, weight)``. Labelled
+    items are ``(image, target)`` and weigh 1; pseudo-labelled ones add their set's weight."""
+    groups: dict[tuple[bool, float], list[int]] = {}
+    for i, item in enumerate(items):
+        weight = float(item[2]) if len(item) > 2 else 1.0
+        groups.setdefault((item[1].is_floating_point(), weight), []).append(i)
+    x = torch.stack([item[0] for item in items])
+    return x, [
+        (torch.tensor(index), torch.stack([items[i][1] for i in index]), weight)
+        for (_, weight), index in groups.items()
+    ]
 
 
 class ValSet(torch.utils.data.Dataset):
@@ -126,8 +173,16 @@ class SegmentationTask(L.LightningModule):
         return self.model(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss_fn(self(x).float(), y)
+        """Each group of targets (:func:`collate_targets`) through the one loss, weighted by
+        its weight and its share of the batch; soft pseudo-labels' part is logged apart."""
+        x, groups = batch
+        logits = self(x).float()
+        loss = logits.new_zeros(())
+        for index, target, weight in groups:
+            part = self.loss_fn(logits[index], target)
+            loss = loss + weight * len(index) / len(x) * part
+            if target.is_floating_point():
+                self.log("train/soft_loss", part, on_epoch=True, batch_size=len(index))
         self.log(
             "train/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(x)
         )
@@ -402,9 +457,17 @@ def build_loaders(config: Config, mean, std) -> tuple[DataLoader, DataLoader, Da
     )
     extra = [open_dataset(e.root, e.split, e.format) for e in d.extra]
     workers = d.num_workers
-    train_sets: ConcatDataset = ConcatDataset(
-        [TrainSet(data, transform, mean, std, train_data.tree) for data in [train_data, *extra]]
-    )
+    sets = [TrainSet(data, transform, mean, std, train_data.tree) for data in [train_data, *extra]]
+    for i, pseudo in enumerate(d.pseudo):
+        try:
+            labels = PseudoLabels(pseudo.root, pseudo.images)
+            if not len(labels):
+                raise DatasetError(f"{pseudo.root}: its manifest lists no labelled photo")
+            tree, weight = train_data.tree, pseudo.weight
+            sets.append(PseudoTrainSet(labels, transform, mean, std, tree, weight))
+        except ValueError as err:  # DatasetError too
+            raise ConfigError(f"config key 'data.pseudo[{i}]': {err}") from None
+    train_sets: ConcatDataset = ConcatDataset(sets)
     if len(train_sets) < d.batch_size:  # every batch would be dropped: nothing would train
         raise ConfigError(
             f"config key 'data.batch_size' is {d.batch_size}, but the training set has only "
@@ -416,6 +479,7 @@ def build_loaders(config: Config, mean, std) -> tuple[DataLoader, DataLoader, Da
         shuffle=True,
         num_workers=workers,
         drop_last=True,
+        collate_fn=collate_targets,
         persistent_workers=workers > 0,
         worker_init_fn=transform.reseed_worker if workers else None,
     )
