@@ -90,6 +90,13 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
 
 
+def npz_writer(probs: np.ndarray) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        np.savez_compressed(tmp, probs=probs)
+
+    return write
+
+
 def teacher_records(predictor: Predictor) -> list[dict[str, Any]]:
     """Each teacher model's file and what its spec says it is."""
     return [
@@ -181,8 +188,7 @@ def pseudo_label(
                     target = out / f"{photo.stem}{suffix}"
                     probs = result.probs
                     if mode == "soft":
-                        quantised = quantise(probs)
-                        publish(target, lambda tmp, q=quantised: np.savez_compressed(tmp, probs=q))
+                        publish(target, npz_writer(quantise(probs)))
                     else:
                         publish(target, png_writer(hard_labels(result, threshold)))
                     manifest["labels"][photo.stem] = {

@@ -99,8 +99,8 @@ class PseudoTrainSet(TrainSet):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:  # type: ignore[override]
         if not self.soft:
-            x, y = super().__getitem__(i)
-            return x, y, self.weight
+            pixels, target = super().__getitem__(i)
+            return pixels, target, self.weight
         image, maps = self.dataset[i]
         labels = self.leaf_values[maps.argmax(axis=0)]  # crops centre on the teacher's people
         image, labels, maps = self.transform.with_maps(image, labels, maps)
