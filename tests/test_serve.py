@@ -359,3 +359,27 @@ def test_a_request_past_its_timeout_gets_504_and_its_slot_comes_back(monkeypatch
         release.set()
         wait_until(lambda: app.state.gate.admitted == 0)
         assert c.post("/v1/segment", content=ASTRONAUT.read_bytes()).status_code == 200
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--port", "70000"], "--port must be between 0 and 65535"),
+        (["--queue", "-1"], "--queue must be at least 0"),
+        (["--long-side", "8"], "--long-side must be between 32 and 4096"),
+        (["--model", "nobody"], "nobody: no such model file and no bundled model"),
+        (["--model", "person", "--model", "person"], "two models named 'person'"),
+    ],
+)
+def test_serve_command_refuses_bad_options_in_one_line(args, words):
+    from typer.testing import CliRunner
+
+    from hiseg.cli import app
+
+    result = CliRunner().invoke(app, ["serve", *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and words in lines[0], result.output

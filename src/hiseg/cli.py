@@ -513,7 +513,8 @@ def predict_command(
 
     Ctrl-C (or SIGTERM) stops after the current input (a second one at once): finished results
     (and a webcam's video so far) are kept, summary.json lists them, and the exit code is 128 +
-    the signal number.
+    the signal number. Videos and webcams are smoothed over time unless --no-smooth; when only
+    they are given, the network leaves one core to reading and writing unless --threads.
     """
     from hiseg.runner import Saver, expand_sources, run, stop_on_signals
 
@@ -527,6 +528,10 @@ def predict_command(
     found = expand_sources(texts)
     if out.resolve() in {folder.resolve() for folder in found.folders}:
         raise fail(f"--out {out} is also an input folder: its results would become inputs")
+    if threads is None and found.sources and all(s.kind != "image" for s in found.sources):
+        from hiseg.video import network_threads
+
+        options["threads"] = network_threads()
     saver = Saver(out, levels=levels, summary=summary)
     predictor = load_predictor(model, backend, flip, tile, zoom, options)
     sources = found.sources
@@ -763,7 +768,7 @@ def serve_command(
         None, "--cors", help="Origin allowed to call from a browser; repeatable (default: none)."
     ),
     workers: int | None = typer.Option(
-        None, help="Inferences at once (default: the number of cores)."
+        None, help="Inferences at once, sharing the cores (default: one per two cores)."
     ),
     queue: int = typer.Option(8, help="Requests waiting beyond the workers; more get 503."),
     timeout: float = typer.Option(60.0, help="Seconds per request before 504."),
@@ -785,7 +790,6 @@ def serve_command(
     settings = Settings(
         api_key=api_key or None,
         cors=list(cors or []),
-        workers=cpu_threads(workers, "--workers") or os.cpu_count() or 1,
         queue=queue,
         timeout=timeout,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
@@ -794,4 +798,6 @@ def serve_command(
     )
     if model:
         settings.models = list(model)
+    if workers is not None:
+        settings.workers = cpu_threads(workers, "--workers") or 1
     serve(settings, host, port)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hiseg import __version__
 from hiseg.errors import HisegError
 from hiseg.images import ImageReadError, ImageTooLargeError, decode_image
-from hiseg.predictor import Predictor, Result, bundled_models, load, resolve_model
+from hiseg.predictor import DEFAULT_MODEL, Predictor, bundled_models, load, resolve_model
 
 #: Largest upload accepted, in bytes (the whole request body).
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -72,14 +72,20 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def default_workers() -> int:
+    """One inference per two cores, each with two ONNX Runtime threads: on 2 busy cores one
+    two-threaded worker answered more than two single-threaded ones (benchmarks/serve_load.md)."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
 @dataclass
 class Settings:
     """What ``hiseg serve`` is asked for; the defaults suit a small CPU machine."""
 
-    models: list[str] = field(default_factory=lambda: bundled_models() or [""])
+    models: list[str] = field(default_factory=lambda: bundled_models() or [DEFAULT_MODEL])
     api_key: str | None = None
     cors: list[str] = field(default_factory=list)
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=lambda: default_workers())
     queue: int = 8
     timeout: float = TIMEOUT_S
     max_upload_bytes: int = MAX_UPLOAD_BYTES
@@ -134,7 +140,7 @@ def load_models(settings: Settings) -> dict[str, ServedModel]:
     threads = max(1, (os.cpu_count() or 1) // max(1, settings.workers))
     served: dict[str, ServedModel] = {}
     for text in settings.models:
-        path = resolve_model(text or None)
+        path = resolve_model(text)
         name = text if text in bundled_models() else path.stem
         if name in served:
             raise HisegError(f"{text}: two models named '{name}'; rename one file")
@@ -243,7 +249,7 @@ def png(array: np.ndarray) -> bytes:
 
 def segment(
     model: ServedModel, data: bytes, levels: list[int], fmt: str, max_pixels: int
-) -> tuple[Result, dict[str, Any] | bytes, dict[str, float]]:
+) -> tuple[dict[str, Any] | bytes, dict[str, float]]:
     """Decode, predict and encode one upload; timings in milliseconds."""
     start = time.perf_counter()
     try:
@@ -282,7 +288,7 @@ def segment(
         "inference": (predicted - decoded) * 1000,
         "encode": (done - predicted) * 1000,
     }
-    return result, body, timing
+    return body, timing
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -397,7 +403,7 @@ def create_app(settings: Settings) -> FastAPI:
             job.add_done_callback(gate.release)
             submitted = True
             left = settings.timeout - (queued - start)
-            _, answer, timing = await asyncio.wait_for(asyncio.wrap_future(job), left)
+            answer, timing = await asyncio.wait_for(asyncio.wrap_future(job), left)
         except asyncio.TimeoutError:
             raise ApiError(504, f"no answer within {settings.timeout:g} s") from None
         finally:
