@@ -188,8 +188,7 @@ class Probabilities:
         """(leaves, N) probabilities of the N pixels where ``mask`` (H, W) is set."""
         if self._full is not None:
             return self._full[:, mask]
-        ys, xs = np.nonzero(mask)
-        return self._interpolate(ys, xs)
+        return self._interpolate(*_nonzero(mask))
 
     def decode(self, tree: Tree) -> np.ndarray:
         """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc), in
@@ -203,16 +202,19 @@ class Probabilities:
         _, h, w = small.shape
         small_labels = np.concatenate(in_chunks(lambda a, b: tree.decode(small[:, a:b]), h, w))
         (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
-        y0, y1, _ = _taps(oh, rh)
-        x0, x1, _ = _taps(ow, rw)
+        y0, _, _ = _taps(oh, rh)
+        x0, _, _ = _taps(ow, rw)
+        # A pixel's sources are (i, j), (i, j + 1), (i + 1, j), (i + 1, j + 1), clamped to the
+        # map (see _taps), so whether they disagree is known per (i, j), at network resolution.
+        below = np.concatenate([small_labels[1:], small_labels[-1:]])
+        mixed_at = small_labels != below
+        mixed_at[:, :-1] |= small_labels[:, :-1] != small_labels[:, 1:]
+        mixed_at[:, :-1] |= small_labels[:, :-1] != below[:, 1:]
 
         def band(start: int, stop: int) -> np.ndarray:
-            top, bottom = small_labels[y0[start:stop]], small_labels[y1[start:stop]]
-            labels = top[:, x0]
-            mixed = labels != top[:, x1]
-            mixed |= labels != bottom[:, x0]
-            mixed |= labels != bottom[:, x1]
-            ys, xs = np.nonzero(mixed)
+            rows = y0[start:stop]
+            labels = small_labels[rows][:, x0]
+            ys, xs = _nonzero(mixed_at[rows][:, x0])
             if len(ys):
                 probs = self._interpolate(ys + start, xs)
                 labels[ys, xs] = tree.decode(probs[:, :, None])[:, 0]
@@ -236,6 +238,11 @@ class Probabilities:
         top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
         bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
         return top * (1 - wy) + bottom * wy
+
+
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D mask, ten times faster through the flat indices."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
 
 @functools.lru_cache(maxsize=32)
