@@ -180,7 +180,9 @@ def test_pseudo_sets_join_training_and_their_soft_loss_trains(tiny_data, pascal_
     from hiseg.training import SegmentationTask, build_loaders
 
     pseudo = f"[{{root: {pascal_soft}, weight: 0.5}}]"
+    # photos scaled below the crop size: crops hold padding
     small = {"data.pseudo": pseudo, "data.batch_size": 12, "data.crop_size": 64}
+    small["data.scale"] = "[0.3, 0.4]"
     config = tiny_config(tiny_data, tmp_path, **small)
     norm = preprocessing(config.model.encoder)
     loader, _, train_data = build_loaders(config, norm["mean"], norm["std"])
@@ -191,6 +193,7 @@ def test_pseudo_sets_join_training_and_their_soft_loss_trains(tiny_data, pascal_
     assert kinds == {(False, 1.0): 8, (True, 0.5): 4}
     soft = next(target for _, target, _ in groups if target.is_floating_point())
     sums = soft.sum(1)
+    assert 0 < (sums == 0).float().mean() < 0.9, "padding carries no target"
     assert torch.allclose(sums[sums > 0], torch.ones(()), atol=1e-5)
 
     task = SegmentationTask(config, train_data.tree.to_dict())

@@ -180,10 +180,9 @@ def pseudo_label(
         for start in range(0, len(todo), predictor.batch_size):
             chunk = todo[start : start + predictor.batch_size]
             for photo, result in zip(chunk, predictor.predict_batch(chunk), strict=True):
-                if isinstance(result, ImageReadError):
-                    report.failed.append((str(photo), result.reason))
-                elif isinstance(result, HisegError):
-                    report.failed.append((str(photo), str(result)))
+                if isinstance(result, HisegError):
+                    reason = result.reason if isinstance(result, ImageReadError) else str(result)
+                    report.failed.append((str(photo), reason))
                 else:
                     target = out / f"{photo.stem}{suffix}"
                     probs = result.probs
