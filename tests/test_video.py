@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 
@@ -15,7 +16,13 @@ import hiseg
 from hiseg.cli import app
 from hiseg.pipeline import Geometry, Probabilities
 from hiseg.runner import Saver, Source, run
-from hiseg.video import Background, TemporalSmoother, read_ahead, segment_video
+from hiseg.video import (
+    Background,
+    TemporalSmoother,
+    network_threads,
+    read_ahead,
+    segment_video,
+)
 
 METHODS = ["blend", "ema"]
 FAST = ["-m", "person", "--long-side", "96", "--threads", "1"]
@@ -27,7 +34,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def flips(label_maps: list[np.ndarray]) -> float:
-    return float(np.mean([(a != b).mean() for a, b in zip(label_maps, label_maps[1:])]))
+    return float(np.mean([(a != b).mean() for a, b in itertools.pairwise(label_maps)]))
 
 
 def smoothed(smoother: TemporalSmoother, sequence: list[np.ndarray]) -> list[np.ndarray]:
@@ -52,17 +59,28 @@ def test_smoothing_reduces_flicker_on_a_noisy_still_scene(method):
     )
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_moving_person_leaves_no_ghost(method):
-    """A confident square moving 4 pixels a frame: the pixels it left are background at once,
-    as unsmoothed, instead of trailing behind as a moving average makes them."""
-    smoother = TemporalSmoother(0.9, method)
+@pytest.mark.parametrize(("method", "strength"), [("blend", 0.9), ("ema", 0.7)])
+def test_a_moving_person_leaves_no_ghost(method, strength):
+    """A fairly sure square (0.7) moving 4 pixels a frame: the pixels it left are background at
+    once, as unsmoothed, instead of trailing behind as a moving average makes them."""
+    smoother = TemporalSmoother(strength, method)
     for t in range(8):
         truth = np.zeros((40, 80), np.intp)
         truth[10:30, 10 + 4 * t : 30 + 4 * t] = 1
-        probs = np.where(truth == 1, [[[0.05]], [[0.95]]], [[[0.95]], [[0.05]]])
+        probs = np.where(truth == 1, [[[0.3]], [[0.7]]], [[[0.7]], [[0.3]]])
         labels = smoother.smooth(probs.astype(np.float32)).argmax(axis=0)
         np.testing.assert_array_equal(labels, truth, err_msg=f"frame {t}")
+
+
+def test_blend_leaves_confident_pixels_as_the_current_frame_has_them():
+    rng = np.random.default_rng(4)
+    smoother = TemporalSmoother(0.9, "blend")
+    smoother.smooth(softmax(rng.normal(0, 0.3, (3, 8, 8))))
+    current = softmax(rng.normal(0, 0.3, (3, 8, 8)))
+    current[:, :4] = np.eye(3, dtype=np.float32)[rng.integers(0, 3, (4, 8))].transpose(2, 0, 1)
+    out = smoother.smooth(current)
+    np.testing.assert_array_equal(out[:, :4], current[:, :4])  # sure: not blended at all
+    assert not np.allclose(out[:, 4:], current[:, 4:])  # unsure: blended
 
 
 def test_smoothing_works_at_network_resolution_and_restarts_on_another_size():
@@ -153,6 +171,26 @@ def test_cli_video_with_and_without_smoothing(clip, tmp_path, option):
     result = CliRunner().invoke(app, ["predict", str(clip), *FAST, option, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert len(video_frames(out / "clip_overlay.mp4")) == 6
+
+
+def test_videos_alone_leave_the_network_one_core_fewer(
+    clip, synthetic_photo, tmp_path, monkeypatch
+):
+    import hiseg.cli
+
+    threads = []
+    load = hiseg.cli.load_predictor
+
+    def spy(*args):
+        threads.append(args[-1]["threads"])
+        return load(*args)
+
+    monkeypatch.setattr(hiseg.cli, "load_predictor", spy)
+    for inputs in ([clip], [clip, synthetic_photo]):
+        args = ["predict", *map(str, inputs), "-m", "person", "--long-side", "64"]
+        result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / str(len(inputs)))])
+        assert result.exit_code == 0, result.output
+    assert threads == [network_threads(), None]
 
 
 def test_cli_refuses_a_smoothing_strength_out_of_range(clip, tmp_path):

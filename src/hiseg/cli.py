@@ -505,8 +505,8 @@ def predict_command(
     smooth_strength: float | None = typer.Option(
         None,
         "--smooth-strength",
-        help="Weight of the past frames in smoothing, 0 to 0.95 (default 0.7); only uncertain "
-        "pixels are blended.",
+        help="Weight of the past frames in smoothing, 0 to 0.95 (default 0.9); only uncertain "
+        "pixels that agree with the past are blended.",
     ),
 ) -> None:
     """Segment images, folders, videos or a webcam; results are saved under --out.

@@ -3,14 +3,14 @@
 Each frame is segmented on its own, so where the network hesitates (borders, small parts, noise)
 labels flicker from frame to frame. :class:`TemporalSmoother` blends each frame's leaf
 probabilities with the previous frame's smoothed ones before decoding, at network resolution.
-How much of the past is kept is decided per pixel, so a moving person leaves no ghost:
+How much of the past is kept is decided per pixel, by ``strength`` times:
 
-- ``blend`` (MediaPipe's segmentation smoothing, for several classes): the weight of the past is
-  ``strength * (1 - margin)``, ``margin`` being the current frame's gap between its two likeliest
-  leaves, so only uncertain pixels are blended; a confident pixel is the current frame's.
-- ``ema``: an exponential moving average, weight ``strength``, kept only where the current frame
-  agrees with the past (``1 -`` their total variation distance), so where the picture changed
-  the past is dropped.
+- the agreement of the current frame with the past, ``1 -`` their total variation distance: where
+  the picture changed (a person moved) the past is dropped, so a moving person leaves no ghost,
+  which a plain moving average does (both methods);
+- for ``blend`` (the default; MediaPipe's segmentation smoothing, for several classes) also the
+  current frame's uncertainty, ``1 -`` the gap between its two likeliest leaves, so only
+  uncertain pixels are blended; ``ema`` (a moving average) blends every pixel.
 
 :func:`segment_video` overlaps reading and decoding frames (one thread), the network (the calling
 thread) and drawing and encoding the overlay (one thread), with bounded queues between them, so a
@@ -19,6 +19,7 @@ video runs at the network's speed.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,7 @@ import cv2
 import numpy as np
 
 from hiseg.images import ImageReadError
-from hiseg.pipeline import Probabilities
+from hiseg.pipeline import Probabilities, in_chunks
 
 if TYPE_CHECKING:
     from hiseg.predictor import Predictor, Result
@@ -37,11 +38,18 @@ if TYPE_CHECKING:
 
 SMOOTHING_METHODS = ("blend", "ema")
 #: The weight of the past, chosen on benchmarks/video_consistency.md.
-DEFAULT_STRENGTH = 0.7
+DEFAULT_STRENGTH = 0.9
 #: Frames that may wait between two stages: enough to absorb jitter, little memory or latency.
 QUEUE_DEPTH = 4
 
 _T = TypeVar("_T")
+
+
+def network_threads() -> int:
+    """Threads for the network when only videos run: one core is left to reading and writing,
+    which otherwise preempt the network's threads (each waits for the slowest): pipelined, one
+    thread fewer is faster on a 2-core machine (benchmarks/video_consistency.md)."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 class TemporalSmoother:
@@ -65,26 +73,39 @@ class TemporalSmoother:
         return probs.map(self.smooth)
 
     def smooth(self, current: np.ndarray) -> np.ndarray:
-        """(leaves, H, W) probabilities of this frame -> smoothed ones (a new array)."""
+        """(leaves, H, W) probabilities of this frame -> smoothed ones (a new array), in
+        cache-sized chunks of rows."""
         previous = self._previous
         if previous is None or previous.shape != current.shape:
             out = current.copy()
         else:
-            keep = self.past_weight(current, previous)
-            out = previous - current
-            out *= keep
-            out += current
+            out = np.empty_like(current)
+
+            def blend(start: int, stop: int) -> None:
+                now, before, mixed = (a[:, start:stop] for a in (current, previous, out))
+                np.subtract(before, now, out=mixed)
+                mixed *= self.past_weight(now, before)
+                mixed += now
+
+            in_chunks(blend, current.shape[1], current.shape[2])
         self._previous = out
         return out
 
     def past_weight(self, current: np.ndarray, previous: np.ndarray) -> np.ndarray:
         """(H, W) weight of ``previous`` in each pixel's blend."""
+        weight = np.abs(current - previous).sum(axis=0)
+        weight *= -0.5 * self.strength
+        weight += self.strength  # strength * (1 - total variation distance)
         if self.method == "blend":
-            top2 = np.partition(current, -2, axis=0)[-2:]
-            return self.strength * (1 - (top2[1] - top2[0]))
-        distance = np.abs(current - previous).sum(axis=0)
-        distance *= 0.5
-        return self.strength * (1 - distance)
+            # the margin between the two likeliest leaves, by a running top two (np.partition
+            # over the leaves is several times slower)
+            top, second = current[0].copy(), np.zeros_like(current[0])
+            for leaf in current[1:]:
+                np.maximum(second, np.minimum(top, leaf), out=second)
+                np.maximum(top, leaf, out=top)
+            top -= second
+            weight *= 1 - top
+        return weight
 
 
 # -- frames in, frames out --------------------------------------------------------------------
