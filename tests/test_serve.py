@@ -246,8 +246,10 @@ def test_cors_is_off_unless_an_origin_is_given():
 
 # -- uploads stay in memory -----------------------------------------------------------------------
 
-#: Paths opened for writing while a test watches (an audit hook cannot be removed: it is gated).
+#: Paths opened for writing while a test watches (an audit hook cannot be removed: it is gated,
+#: and added only when the test first runs).
 _watched: list[str] | None = None
+_hooked = False
 
 
 def _audit(event: str, args: tuple) -> None:
@@ -261,13 +263,13 @@ def _audit(event: str, args: tuple) -> None:
         _watched.append(str(path))
 
 
-sys.addaudithook(_audit)
-
-
 def test_a_5mb_multipart_upload_is_never_written_to_disk(client, tmp_path, monkeypatch):
     """Starlette's form parser spools parts over 1 MB to a temporary file (on Linux one with no
     name, O_TMPFILE): the temp dir must stay empty and nothing be opened for writing at all."""
-    global _watched
+    global _watched, _hooked
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked = True
     noise = np.random.default_rng(0).integers(0, 256, (1300, 1300, 3), np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(noise).save(buffer, "PNG", compress_level=0)
