@@ -59,6 +59,8 @@ def test_soft_labels_are_the_teachers_probabilities(photos, tmp_path):
         "clean": teacher.clean,
     }
     assert [f["image"] for f in manifest["failed"]] == [str(photos / "broken.jpg")]
+    shares = [entry["confident"] for entry in manifest["labels"].values()]
+    assert f"{np.mean(shares):.1%} per photo on average" in result.output
     for photo in good_photos(photos):
         probs = teacher.predict(photo).probs
         with np.load(out / f"{photo.stem}.npz") as archive:
@@ -226,8 +228,9 @@ def test_a_tiny_run_trains_on_pseudo_labels(tiny_data, pascal_soft, tmp_path):
     config = tiny_config(
         tiny_data, tmp_path, **{"data.pseudo": f"[{pascal_soft}]", "trainer.max_epochs": 1}
     )
-    train(config, track=False)
+    task = train(config, track=False)
     assert (tmp_path / "tiny" / "last.ckpt").is_file()
+    assert np.isfinite(float(task.trainer.callback_metrics["train/soft_loss_epoch"]))
 
 
 @pytest.fixture(scope="module")

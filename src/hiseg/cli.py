@@ -621,6 +621,12 @@ def pseudo_label_command(
         f"{len(report.failed)} failed; manifest: {report.manifest}",
         highlight=False,
     )
+    if report.mean_confident is not None:
+        console.print(
+            f"confident pixels (highest leaf probability >= {threshold:g}): "
+            f"{report.mean_confident:.1%} per photo on average",
+            highlight=False,
+        )
     for name, reason in report.failed:
         err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
     if report.failed:

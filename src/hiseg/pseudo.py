@@ -50,12 +50,14 @@ class PseudoLabelError(HisegError, ValueError):
 
 @dataclass
 class PseudoReport:
-    """What a run did: photos labelled now, skipped as already done, and failed (with reasons)."""
+    """What a run did: photos labelled now, skipped as already done, and failed (with reasons);
+    the mean confident share over every photo the folder holds labels for."""
 
     manifest: Path
     labelled: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (photo, reason)
+    mean_confident: float | None = None
 
 
 def list_photos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -203,6 +205,8 @@ def pseudo_label(
     finally:
         manifest["failed"] = [{"image": p, "reason": r} for p, r in report.failed]
         publish(path, json_writer(manifest))
+    shares = [entry["confident"] for entry in manifest["labels"].values()]
+    report.mean_confident = float(np.mean(shares)) if shares else None
     return report
 
 
