@@ -164,20 +164,30 @@ def pseudo_label(
                     f"{path}: made with other {_difference(key, earlier[key], manifest[key])}; "
                     "continue it with the same teachers and settings, or choose another folder"
                 )
-        manifest["labels"] = earlier["labels"]
+        # labels whose file was lost (e.g. deleted) are made again
+        manifest["labels"] = {
+            stem: entry
+            for stem, entry in earlier["labels"].items()
+            if (out / entry["file"]).exists()
+        }
     found, refused = list_photos(photos)
     found = found[:limit] if limit is not None else found
     report = PseudoReport(path, failed=list(refused))
     todo = []
     for photo in found:
         entry = manifest["labels"].get(photo.stem)
-        if entry and entry["image"] == photo.name and (out / entry["file"]).exists():
+        if entry and entry["image"] == photo.name:
             report.skipped += 1
         else:
             todo.append(photo)
     if progress and report.skipped:
         progress(report.skipped)
     suffix = ".npz" if mode == "soft" else ".png"
+
+    def save_manifest() -> None:
+        manifest["failed"] = [{"image": p, "reason": r} for p, r in report.failed]
+        publish(path, json_writer(manifest))
+
     try:
         for start in range(0, len(todo), predictor.batch_size):
             chunk = todo[start : start + predictor.batch_size]
@@ -185,6 +195,7 @@ def pseudo_label(
                 if isinstance(result, HisegError):
                     reason = result.reason if isinstance(result, ImageReadError) else str(result)
                     report.failed.append((str(photo), reason))
+                    manifest["labels"].pop(photo.stem, None)
                 else:
                     target = out / f"{photo.stem}{suffix}"
                     probs = result.probs
@@ -198,20 +209,18 @@ def pseudo_label(
                         "confident": round(confident_share(probs, threshold), 5),
                     }
                     report.labelled += 1
-            manifest["failed"] = [{"image": p, "reason": r} for p, r in report.failed]
-            publish(path, json_writer(manifest))
+            save_manifest()
             if progress:
                 progress(len(chunk))
-    finally:
-        manifest["failed"] = [{"image": p, "reason": r} for p, r in report.failed]
-        publish(path, json_writer(manifest))
+    finally:  # also when stopped (Ctrl-C): what is done stays listed
+        save_manifest()
     shares = [entry["confident"] for entry in manifest["labels"].values()]
     report.mean_confident = float(np.mean(shares)) if shares else None
     return report
 
 
 def _difference(key: str, earlier: Any, now: Any, width: int = 100) -> str:
-    """``settings (mode 'soft', not 'hard')``: the first differing entry, shortened."""
+    """``settings (mode: "hard", not "soft")``: the first differing entry, shortened."""
     if isinstance(earlier, dict) and isinstance(now, dict):
         for name in sorted(earlier.keys() | now.keys()):
             if earlier.get(name) != now.get(name):
