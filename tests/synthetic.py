@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from hiseg.data import Dataset
 from hiseg.taxonomy import load_tree
 
 TREE = load_tree("pascal-person-part")
@@ -149,3 +150,12 @@ def make_pascal_layout(root: Path, n: int = 6, split: str = "val", seed: int = 2
         Image.fromarray(mask).save(root / "gt_masks" / f"{sid}.png")
     (root / f"{split}_id.txt").write_text("\n".join(ids) + "\n")
     return ids
+
+
+def save_perfect_predictions(dataset: Dataset, folder: Path) -> Path:
+    """Each sample's ground truth saved as its prediction, ``<folder>/<id>.png`` (what
+    ``hiseg eval --pred-dir`` reads): every score is 1 until a test spoils some."""
+    folder.mkdir()
+    for sample in dataset.samples:
+        Image.fromarray(dataset.read_labels(sample)).save(folder / f"{sample.id}.png")
+    return folder

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from synthetic import make_folder_dataset, make_pascal_layout
+from synthetic import make_folder_dataset, make_pascal_layout, save_perfect_predictions
 from typer.testing import CliRunner
 
 from hiseg.cli import app
@@ -129,11 +129,7 @@ def test_stats_on_real_val(pascal_root, tmp_path):
 
 def test_eval_prediction_dir(tmp_path):
     ids = make_pascal_layout(tmp_path / "ppp", n=5)
-    ds = open_dataset(tmp_path / "ppp", "val")
-    preds = tmp_path / "preds"
-    preds.mkdir()
-    for sample in ds.samples:
-        Image.fromarray(ds.read_labels(sample)).save(preds / f"{sample.id}.png")
+    preds = save_perfect_predictions(open_dataset(tmp_path / "ppp", "val"), tmp_path / "preds")
     out = tmp_path / "scores.json"
     args = ["eval", "--data", str(tmp_path / "ppp"), "--split", "val", "--pred-dir", str(preds)]
     result = runner.invoke(app, [*args, "--json", str(out)])

@@ -7,7 +7,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import make_pascal_layout
+from synthetic import make_pascal_layout, save_perfect_predictions
 from typer.testing import CliRunner
 
 import hiseg
@@ -212,10 +212,7 @@ def test_a_prediction_folder_names_every_bad_prediction_and_ground_truth(tmp_pat
     the tree are reported instead of silently ignored; no score is given."""
     ids = make_pascal_layout(tmp_path / "ppp", n=6)
     dataset = open_dataset(tmp_path / "ppp", "val")
-    preds = tmp_path / "preds"
-    preds.mkdir()
-    for sample in dataset.samples:
-        Image.fromarray(dataset.read_labels(sample)).save(preds / f"{sample.id}.png")
+    preds = save_perfect_predictions(dataset, tmp_path / "preds")
     assert score_prediction_dir(dataset, preds)["levels"]["2"]["miou"] == 1.0
 
     def edit(path, change):
