@@ -18,7 +18,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 # Everything: training stack and test tools.
 $(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(PIP) -c $(CONSTRAINTS) -e '.[train,dev]'
+	$(PIP) -c $(CONSTRAINTS) -e '.[train,dev,ray]'
 	touch $@ $(VENV)/.runtime
 
 # Segments the bundled public-domain photos with the bundled model, on ONNX Runtime.
