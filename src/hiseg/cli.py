@@ -239,6 +239,23 @@ CLEAN = typer.Option(
     help="Remove islands / fill holes under N pixels, per level (0 = off; default: the model's).",
 )
 
+ENGINE = typer.Option(
+    "local",
+    "--engine",
+    help="local (this process) or ray (Ray Data actors; needs pip install 'hiseg[ray]').",
+)
+ADDRESS = typer.Option(
+    None,
+    "--address",
+    help="With --engine ray: the cluster to join, auto or ray://host:port (default: a new "
+    "local one on this machine's cores).",
+)
+WORKERS = typer.Option(
+    None,
+    "--workers",
+    help="With --engine ray: predictor actors (default: one per CPU of the cluster, or CPUs / "
+    "--threads); each uses CPUs / workers threads unless --threads.",
+)
 
 #: Network input long sides accepted: below 32 px nothing is left to see, above 4096 px the
 #: full-size probability maps no longer fit a typical machine's memory.
@@ -336,6 +353,9 @@ def evaluate(
         "--mlflow",
         help="Log scores and report to this MLflow store, e.g. sqlite:///runs/mlflow.db.",
     ),
+    engine: str = ENGINE,
+    address: str | None = ADDRESS,
+    workers: int | None = WORKERS,
 ) -> None:
     """Score a model (or a folder of predictions) per level of the class tree."""
     from hiseg.runner import writable_file, writable_folder
@@ -344,6 +364,8 @@ def evaluate(
         raise fail("give either --model (one or more) or --pred-dir")
     if report is not None and model is None:
         raise fail("--report needs --model (the report shows the model's worst images)")
+    if check_engine(engine, address, workers) == "ray" and pred_dir is not None:
+        raise fail("--engine ray runs a model; --pred-dir is scored in this process")
     at_least("--limit", limit, 1)
     at_least("--worst", worst, 0)
     options = predictor_options(threads, long_side, scales, clean)
@@ -370,9 +392,18 @@ def evaluate(
                 )
             n = min(limit or len(dataset), len(dataset))
             with progress_bar(n, f"evaluating on {split}") as advance:
-                result = evaluate_model(
-                    predictor, dataset, limit, advance, keep_worst=worst, save_dir=save_pred
-                )
+                if engine == "ray":
+                    from hiseg.distributed import evaluate_on_ray
+
+                    load_options = {"model": model, "backend": backend, "flip": flip}
+                    load_options.update(tile=tile, zoom=zoom, **options)
+                    result = evaluate_on_ray(
+                        dataset, load_options, limit, worst, save_pred, address, workers, advance
+                    )
+                else:
+                    result = evaluate_model(
+                        predictor, dataset, limit, advance, keep_worst=worst, save_dir=save_pred
+                    )
             scores = result.scores()
     except (DatasetError, TreeError) as err:
         raise fail(str(err)) from None
@@ -467,6 +498,52 @@ def print_summary(item: dict[str, Any]) -> None:
     console.print(share_table(title, item["levels"], "{:.1%}"))
 
 
+def check_engine(engine: str, address: str | None, workers: int | None) -> str:
+    if engine not in ("local", "ray"):
+        raise fail(f"--engine must be local or ray, not '{engine}'")
+    if engine == "local" and (address is not None or workers is not None):
+        raise fail("--address and --workers need --engine ray")
+    at_least("--workers", workers, 1)
+    return engine
+
+
+def predict_with_ray(texts, out, levels, summary, load_options, address, workers) -> None:
+    """``hiseg predict --engine ray``: the local engine's outputs and printout, plus the skipped
+    inputs (finished by an earlier run) and failed.csv."""
+    from hiseg.distributed import predict_on_ray
+    from hiseg.predictor import load
+    from hiseg.runner import Saver
+
+    load(**load_options)  # a model that can't load is one error line before any cluster starts
+    saver = Saver(out, levels=levels, summary=summary)
+    with progress_bar(0, "segmenting on Ray") as advance:
+        job = predict_on_ray(texts, saver, load_options, address, workers, lambda: advance(1))
+    report = job.report
+    summary_path = saver.write_summary(report, job.inputs)
+    if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
+        for item in report.summaries:
+            print_summary(item)
+    n_ok = len(report.summaries)
+    done = f"segmented {n_ok} of {job.inputs} input(s)"
+    if job.skipped:
+        done += f" ({job.skipped} done by an earlier run, skipped)"
+    if report.stopped:
+        done = f"stopped by {signal.Signals(report.stopped).name}: {done}"
+    console.print(f"{done}; results saved to {out}/", highlight=False)
+    for path in (summary_path, job.failed_csv):
+        if path:
+            console.print(f"{path.stem}: {path}", highlight=False)
+    if job.renamed:
+        taken = ", ".join(f"{a} -> {b}" for a, b in job.renamed[:3])
+        err_console.print(f"note: names already taken in {out}/: {taken}", highlight=False)
+    for name, reason in report.failed:
+        err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
+    if report.stopped:
+        raise typer.Exit(128 + report.stopped)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 @app.command("predict")
 def predict_command(
     inputs: list[str] = typer.Argument(
@@ -508,6 +585,9 @@ def predict_command(
         help="Weight of the past frames in smoothing, 0 to 0.95 (default 0.9); only uncertain "
         "pixels that agree with the past are blended.",
     ),
+    engine: str = ENGINE,
+    address: str | None = ADDRESS,
+    workers: int | None = WORKERS,
 ) -> None:
     """Segment images, folders, videos or a webcam; results are saved under --out.
 
@@ -525,6 +605,11 @@ def predict_command(
     if smooth_strength is not None:
         in_range("--smooth-strength", smooth_strength, 0.0, 0.95)
     options = predictor_options(threads, long_side, scales, clean)
+    if check_engine(engine, address, workers) == "ray":
+        load_options = {"model": model or None, "backend": backend, "flip": flip, "tile": tile}
+        load_options.update(zoom=zoom, **options)
+        predict_with_ray(texts, out, levels, summary, load_options, address, workers)
+        return
     found = expand_sources(texts)
     if out.resolve() in {folder.resolve() for folder in found.folders}:
         raise fail(f"--out {out} is also an input folder: its results would become inputs")
