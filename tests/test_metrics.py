@@ -125,3 +125,23 @@ def test_cross_check_with_sklearn_on_real_masks(pascal_root):
         fg = [v for n, v in zip(level.names, iou, strict=True) if n != "background"]
         assert s["levels"][str(k)]["miou"] == pytest.approx(np.nanmean(fg))
     assert s["pixel_accuracy"] == pytest.approx(sk.accuracy_score(t, p))
+
+
+def test_merged_worker_matrices_score_as_one_matrix_over_all_images():
+    """Workers (Ray actors, DDP processes) each count their images; the merge scores the whole
+    split, which a mean of their scores would not: here worker B's one image is nearly all
+    background, so its tiny body share must not weigh as much as A's."""
+    rng = np.random.default_rng(3)
+    images = [(rng.integers(0, 7, (20, 30)), rng.integers(0, 7, (20, 30))) for _ in range(4)]
+    images.append((np.zeros((20, 30), int), np.where(rng.random((20, 30)) < 0.02, 4, 0)))
+    whole = scores_of(images)
+    a, b = ConfusionMatrix(PPP), ConfusionMatrix(PPP)
+    for target, pred in images[:4]:
+        a.update(target, pred)
+    b.update(*images[4])
+    mean_of_workers = np.mean([a.scores()["pixel_accuracy"], b.scores()["pixel_accuracy"]])
+    merged = a.merge(b).scores()
+    assert merged == whole and merged["n_images"] == 5
+    assert merged["pixel_accuracy"] != pytest.approx(mean_of_workers)
+    with pytest.raises(ValueError, match="tree 'person'"):
+        ConfusionMatrix(PPP).merge(ConfusionMatrix(load_tree("person")))

@@ -49,6 +49,14 @@ class ConfusionMatrix:
         self.n_images += 1
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        """Add ``other``'s counts (another worker's or process's images) to this matrix: the
+        scores of the merged matrix are those of one matrix over all their images, unlike any
+        mean of their scores. Both must count the same tree's leaves."""
+        if not self.tree.same_as(other.tree):
+            raise ValueError(
+                f"cannot merge a confusion matrix of tree '{other.tree.name}' into one of "
+                f"'{self.tree.name}'"
+            )
         self.matrix += other.matrix
         self.n_images += other.n_images
         return self
