@@ -277,6 +277,7 @@ def main() -> None:
     args = parser.parse_args()
     predictor = hiseg.load(args.model, threads=args.threads)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before = os.getloadavg()[0]
     results = {}
     for motion in numbers(args.motion):
         rows, n_frames = consistency_run(args, predictor, motion)
@@ -294,7 +295,8 @@ def main() -> None:
         f"Command: `{command}`",
         "",
         f"Machine: {args.machine} ({os.cpu_count()} logical cores), CPython "
-        f"{platform.python_version()}; model `{args.model}`, {args.threads} threads; {started}.",
+        f"{platform.python_version()}; model `{args.model}`, {args.threads} threads; {started}; "
+        f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
         f"{args.clips} clips x {args.frames} frames ({n_frames} frames) from pascal-person-part "
         f"val photos, seed {args.seed}; see the script's docstring for how clips and scores are "

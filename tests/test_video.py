@@ -19,7 +19,6 @@ from hiseg.runner import Saver, Source, run
 from hiseg.video import (
     Background,
     TemporalSmoother,
-    network_threads,
     read_ahead,
     segment_video,
 )
@@ -171,26 +170,6 @@ def test_cli_video_with_and_without_smoothing(clip, tmp_path, option):
     result = CliRunner().invoke(app, ["predict", str(clip), *FAST, option, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert len(video_frames(out / "clip_overlay.mp4")) == 6
-
-
-def test_videos_alone_leave_the_network_one_core_fewer(
-    clip, synthetic_photo, tmp_path, monkeypatch
-):
-    import hiseg.cli
-
-    threads = []
-    load = hiseg.cli.load_predictor
-
-    def spy(*args):
-        threads.append(args[-1]["threads"])
-        return load(*args)
-
-    monkeypatch.setattr(hiseg.cli, "load_predictor", spy)
-    for inputs in ([clip], [clip, synthetic_photo]):
-        args = ["predict", *map(str, inputs), "-m", "person", "--long-side", "64"]
-        result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / str(len(inputs)))])
-        assert result.exit_code == 0, result.output
-    assert threads == [network_threads(), None]
 
 
 def test_cli_refuses_a_smoothing_strength_out_of_range(clip, tmp_path):

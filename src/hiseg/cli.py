@@ -595,8 +595,7 @@ def predict_command(
 
     Ctrl-C (or SIGTERM) stops after the current input (a second one at once): finished results
     (and a webcam's video so far) are kept, summary.json lists them, and the exit code is 128 +
-    the signal number. Videos and webcams are smoothed over time unless --no-smooth; when only
-    they are given, the network leaves one core to reading and writing unless --threads.
+    the signal number. Videos and webcams are smoothed over time unless --no-smooth.
     """
     from hiseg.runner import Saver, expand_sources, run, stop_on_signals
 
@@ -615,10 +614,6 @@ def predict_command(
     found = expand_sources(texts)
     if out.resolve() in {folder.resolve() for folder in found.folders}:
         raise fail(f"--out {out} is also an input folder: its results would become inputs")
-    if threads is None and found.sources and all(s.kind != "image" for s in found.sources):
-        from hiseg.video import network_threads
-
-        options["threads"] = network_threads()
     saver = Saver(out, levels=levels, summary=summary)
     predictor = load_predictor(model, backend, flip, tile, zoom, options)
     sources = found.sources

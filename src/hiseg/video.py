@@ -19,7 +19,6 @@ video runs at the network's speed.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -43,13 +42,6 @@ DEFAULT_STRENGTH = 0.9
 QUEUE_DEPTH = 4
 
 _T = TypeVar("_T")
-
-
-def network_threads() -> int:
-    """Threads for the network when only videos run: one core is left to reading and writing,
-    which otherwise preempt the network's threads (each waits for the slowest): pipelined, one
-    thread fewer is faster on a 2-core machine (benchmarks/video_consistency.md)."""
-    return max(1, (os.cpu_count() or 1) - 1)
 
 
 class TemporalSmoother:
