@@ -125,3 +125,20 @@ def test_a_lone_region_goes_below_min_pixels_not_at_it():
     labels = 1 - labels
     np.testing.assert_array_equal(clean_labels(probs, labels, tree, 9), labels)
     assert clean_labels(probs, labels, tree, 10).all()
+
+
+@pytest.mark.parametrize("spacing", [2, 3, 5])
+def test_clean_labels_with_more_regions_than_a_byte_counts(spacing):
+    """Isolated specks every ``spacing`` pixels: up to about 1000 regions of one node, more
+    than the 8-bit region map holds, so the wide path is taken too."""
+    tree = load_tree("pascal-person-part")
+    rng = np.random.default_rng(spacing)
+    probs = random_probs(rng, tree.num_leaves, 61, 67)
+    labels = np.zeros((61, 67), np.uint8)
+    labels[::spacing, ::spacing] = 4  # head specks on background
+    labels[1::spacing * 2, 1::spacing * 2] = 2  # and torso ones
+    labels[20:40, 20:40] = 2  # a torso block with background holes in it
+    labels[22:38:spacing, 22:38:spacing] = 0
+    for min_pixels in (2, 50):
+        want = reference_clean(probs, labels, tree, min_pixels)
+        np.testing.assert_array_equal(clean_labels(probs, labels, tree, min_pixels), want)

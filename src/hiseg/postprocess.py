@@ -59,9 +59,16 @@ def small_regions(mask: np.ndarray, min_pixels: int, holes_only: bool = False) -
     only those not touching the border), or None. Areas are counted over the region map:
     OpenCV's own statistics cost about ten times its labelling."""
     count, regions = cv2.connectedComponents(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    # Up to 256 labels fit a uint8 map, whose histogram and lookup OpenCV does 3x faster than
+    # NumPy's bincount and gather; its float32 counts are exact up to 2**24 pixels.
+    narrow = count <= 256 and mask.size <= 2**24
+    if narrow:
+        regions = regions.astype(np.uint8)
     if count == 2:  # one region: its area is a plain count
         pixels = np.count_nonzero(mask)
         areas = np.array([mask.size - pixels, pixels])
+    elif narrow:
+        areas = cv2.calcHist([regions], [0], None, [256], [0, 256]).ravel()[:count]
     else:
         areas = np.bincount(regions.ravel(), minlength=count)
     small = areas < min_pixels
@@ -71,4 +78,8 @@ def small_regions(mask: np.ndarray, min_pixels: int, holes_only: bool = False) -
         small[np.concatenate(border)] = False
     if not small.any():
         return None
+    if narrow:
+        table = np.zeros(256, np.uint8)
+        table[:count] = small
+        return cv2.LUT(regions, table).view(bool)
     return small[regions]
