@@ -18,6 +18,7 @@ from hiseg.pipeline import Geometry, Probabilities
 from hiseg.runner import Saver, Source, run
 from hiseg.video import (
     Background,
+    SmoothingError,
     TemporalSmoother,
     read_ahead,
     segment_video,
@@ -95,9 +96,9 @@ def test_smoothing_works_at_network_resolution_and_restarts_on_another_size():
 
 
 def test_bad_smoothing_settings_are_refused():
-    with pytest.raises(ValueError, match="strength"):
+    with pytest.raises(SmoothingError, match="strength"):
         TemporalSmoother(1.0)
-    with pytest.raises(ValueError, match="method 'median'"):
+    with pytest.raises(SmoothingError, match="method 'median'"):
         TemporalSmoother(0.5, "median")
 
 

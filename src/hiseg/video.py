@@ -13,8 +13,8 @@ How much of the past is kept is decided per pixel, by ``strength`` times:
   uncertain pixels are blended; ``ema`` (a moving average) blends every pixel.
 
 :func:`segment_video` overlaps reading and decoding frames (one thread), the network (the calling
-thread) and drawing and encoding the overlay (one thread), with bounded queues between them, so a
-video runs at the network's speed.
+thread) and drawing and encoding the overlay (one thread), with bounded queues between them, so
+where a core is free the other steps hide behind the network.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import cv2
 import numpy as np
 
+from hiseg.errors import HisegError
 from hiseg.images import ImageReadError
 from hiseg.pipeline import Probabilities, in_chunks
 
@@ -44,17 +45,21 @@ QUEUE_DEPTH = 4
 _T = TypeVar("_T")
 
 
+class SmoothingError(HisegError, ValueError):
+    """Smoothing settings out of their range."""
+
+
 class TemporalSmoother:
     """Blends each frame's leaf probabilities with the previous frame's smoothed ones (see the
     module doc). One per video: the first frame, or a frame of another size, starts afresh."""
 
     def __init__(self, strength: float = DEFAULT_STRENGTH, method: str = "blend"):
         if method not in SMOOTHING_METHODS:
-            raise ValueError(
+            raise SmoothingError(
                 f"unknown smoothing method '{method}' ({', '.join(SMOOTHING_METHODS)})"
             )
         if not 0 <= strength < 1:
-            raise ValueError(f"smoothing strength must be in [0, 1), not {strength}")
+            raise SmoothingError(f"smoothing strength must be in [0, 1), not {strength}")
         self.strength, self.method = strength, method
         self._previous: np.ndarray | None = None
 
