@@ -191,8 +191,7 @@ class Probabilities:
         return self._interpolate(*_nonzero(mask))
 
     def decode(self, tree: Tree) -> np.ndarray:
-        """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc), in
-        chunks of rows."""
+        """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc)."""
         if self._full is not None:
             full = self._full
             _, h, w = full.shape
@@ -210,17 +209,13 @@ class Probabilities:
         mixed_at = small_labels != below
         mixed_at[:, :-1] |= small_labels[:, :-1] != small_labels[:, 1:]
         mixed_at[:, :-1] |= small_labels[:, :-1] != below[:, 1:]
-
-        def band(start: int, stop: int) -> np.ndarray:
-            rows = y0[start:stop]
-            labels = small_labels[rows][:, x0]
-            ys, xs = _nonzero(mixed_at[rows][:, x0])
-            if len(ys):
-                probs = self._interpolate(ys + start, xs)
-                labels[ys, xs] = tree.decode(probs[:, :, None])[:, 0]
-            return labels
-
-        return np.concatenate(in_chunks(band, oh, ow))
+        labels = small_labels[y0][:, x0]
+        # Only the mixed pixels need their probabilities, taken in cache-sized runs.
+        mixed = np.flatnonzero(mixed_at[y0][:, x0])
+        for start in range(0, len(mixed), CHUNK_PIXELS):
+            ys, xs = np.divmod(mixed[start : start + CHUNK_PIXELS], ow)
+            labels[ys, xs] = tree.decode(self._interpolate(ys, xs)[:, :, None])[:, 0]
+        return labels
 
     def _interpolate(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Bilinear probabilities (as ``cv2.resize`` makes them) at output pixels (ys, xs)."""
