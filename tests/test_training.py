@@ -221,6 +221,9 @@ def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
         "trainer.max_epochs=1",
         "trainer.devices=2",
         "trainer.strategy=ddp",
+        # what a reloaded checkpoint runs in: fp32, no channels_last (the same sums)
+        "trainer.precision=32-true",
+        "trainer.channels_last=false",
         "trainer.progress_bar=false",
     ]
     config = Path(__file__).resolve().parents[1] / "configs" / "pascal-person-part.yaml"
@@ -231,9 +234,25 @@ def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    saved = torch.load(tmp_path / "ddp" / "last.ckpt", weights_only=False)
+    last = tmp_path / "ddp" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
     assert saved["global_step"] == 2  # 8 images / (2 processes x batch 2)
-    assert [r["epoch"] for r in history(tmp_path / "ddp")] == ["0"]
+    (logged,) = history(tmp_path / "ddp")
+    assert logged["epoch"] == "0"
+
+    # The checkpoint loads for prediction, and the logged val scores are one confusion matrix
+    # over the whole split (3 images on 2 processes: 2 + 1, none counted twice), as one process
+    # scoring the same weights gives them, not a mean of the processes' scores.
+    from hiseg.evaluation import evaluate_model
+    from hiseg.predictor import load
+
+    result = evaluate_model(load(last, threads=1), open_dataset(tiny_data, "val"))
+    assert result.total.n_images == 3
+    levels = result.scores()["levels"]
+    for k, level in levels.items():
+        assert float(logged[f"miou{k}"]) == pytest.approx(level["miou"] or 0.0, abs=1e-4), k
+    score = np.mean([level["miou"] or 0.0 for level in levels.values()])
+    assert float(logged["score"]) == pytest.approx(score, abs=1e-4)
 
 
 @pytest.mark.slow

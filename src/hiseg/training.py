@@ -196,9 +196,20 @@ class SegmentationTask(L.LightningModule):
         """What the model's checkpoints store: it predicts at ``data.val_long_side``."""
         return self.model.spec(self.config.data.val_long_side, self.config.data.crop_size)
 
+    def _padding(self, batch_idx: int) -> bool:
+        """Whether this val image is a repeat that DistributedSampler adds so every process gets
+        as many batches (3 images on 2 processes: 2 + 2). Counting it would weigh it twice in the
+        split's one confusion matrix. Rank r's i-th image (batch size 1, unshuffled) is item
+        r + i x world of the padded list, whose items past the split's end are the repeats."""
+        world = self.trainer.world_size
+        position = self.global_rank + batch_idx * world
+        return world > 1 and position >= len(self.trainer.val_dataloaders.dataset)
+
     def validation_step(self, batch, batch_idx: int) -> None:
         """Predict one val image through :class:`hiseg.predictor.Predictor`, the code of
         ``hiseg predict`` (the network is this model in its current state)."""
+        if self._padding(batch_idx):
+            return
         image, labels = batch
 
         def run(x: np.ndarray) -> np.ndarray:
