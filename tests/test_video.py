@@ -237,3 +237,21 @@ def test_background_consumes_in_order_and_raises_its_error():
         for i in range(10):
             failing.put(i)
         failing.close()
+
+
+def test_a_failure_mid_video_stops_every_thread(predictor, clip, tmp_path):
+    """The network failing on frame 3 ends the video with that error at once: the reading and
+    writing threads are gone (frames still waiting are dropped) and the writer is closed."""
+    calls = []
+
+    class Failing:
+        def predict(self, frame, adjust=None):
+            calls.append(1)
+            if len(calls) == 3:
+                raise MemoryError("no room for frame 3")
+            return predictor.predict(frame, adjust)
+
+    with pytest.raises(MemoryError, match="frame 3"):
+        segment_video(Failing(), Source("video", clip), tmp_path / "out.mp4")  # type: ignore[arg-type]
+    assert not [t for t in threading.enumerate() if t.name.startswith("hiseg-")]
+    assert len(video_frames(tmp_path / "out.mp4")) <= 2
