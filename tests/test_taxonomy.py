@@ -167,3 +167,26 @@ def test_relabeller_keeps_same_tree_maps_parts_to_person_and_refuses_the_rest():
     np.testing.assert_array_equal(to_person(labels), [[0, 1, 1], [1, IGNORE_VALUE, 0]])
     with pytest.raises(ValueError, match="cannot be turned into tree 'pascal-person-part'"):
         person.relabeller(parts)
+
+
+def plain_decode(tree: Tree, probs: np.ndarray) -> np.ndarray:
+    """Top-down decoding spelt out: at each level, np.argmax (first on ties) over the nodes'
+    summed probabilities, among the children of the node chosen above."""
+    chosen = None
+    for k in range(tree.num_levels):
+        scores = np.tensordot(tree.membership(k).T, probs, axes=1)
+        if chosen is not None:  # only the children of the node chosen one level up compete
+            inside = tree._parent_index(k)[:, None, None] == chosen[None]
+            scores = np.where(inside, scores, -np.inf)
+        chosen = scores.argmax(0)
+    leaf_values = np.array([node.value for node in tree.level(-1).nodes])
+    return leaf_values[chosen]
+
+
+@pytest.mark.parametrize("name", ["pascal-person-part", "person"])
+def test_decode_breaks_ties_toward_the_first_node_at_every_level(name):
+    """Probabilities in eighths (sums exact in any order), so most pixels hold ties."""
+    tree = load_tree(name)
+    rng = np.random.default_rng(1)
+    probs = (rng.integers(0, 4, size=(tree.num_leaves, 30, 40)) / 8).astype(np.float32)
+    np.testing.assert_array_equal(tree.decode(probs), plain_decode(tree, probs))

@@ -316,13 +316,16 @@ class Tree:
         def likeliest(members: list[int], nodes: tuple[Node, ...]) -> np.ndarray:
             """Level index of the likeliest of ``members`` (the first on ties): a running
             arg-max in plain arithmetic, as np.where / masked copies are ten times slower."""
-            best = score(nodes[members[0]])
-            pick = np.full(flat.shape[1], members[0], dtype=np.int16)
-            for j in members[1:]:
-                value = score(nodes[j])
-                better = value > best
+            first = members[0]
+            best = score(nodes[first])
+            if len(members) == 1:
+                return np.full(flat.shape[1], first, dtype=np.int16)
+            value = score(nodes[members[1]])
+            pick = (value > best) * np.int16(members[1] - first) + np.int16(first)
+            for j in members[2:]:
                 best = np.maximum(best, value)
-                pick += better * (j - pick)
+                value = score(nodes[j])
+                pick += (value > best) * (np.int16(j) - pick)
             return pick
 
         # Each level decides only among siblings: the children of the node chosen above. A
