@@ -99,20 +99,23 @@ def test_eval_on_ray_merges_worker_matrices_into_the_local_scores(cluster, tiny_
     scores = {}
     for engine in ("local", "ray"):
         out = tmp_path / f"{engine}.json"
-        args = ["eval", "--data", str(tiny_data), "-m", "pascal-person-part", "--json", str(out)]
+        args = ["eval", "--data", str(tiny_data), "--split", "train", "-m", "pascal-person-part"]
+        args += ["--json", str(out)]  # 8 images: 2 batches of 4, on both actors
         result = CliRunner().invoke(app, [*args, "--engine", engine, "--worst", "2", *FAST])
         assert result.exit_code == 0, result.output
         scores[engine] = json.loads(out.read_text())
     assert scores["ray"] == scores["local"]
-    assert scores["ray"]["n_images"] == 3
+    assert scores["ray"]["n_images"] == 8
 
 
 def test_resume_reads_only_whole_records_of_existing_outputs(tmp_path):
     (tmp_path / "a.png").touch()
     (tmp_path / "b.png").touch()
     (tmp_path / DONE_FOLDER).mkdir()
-    (tmp_path / DONE_FOLDER / "w1.tsv").write_text("/in/a.jpg\ta.png\n/in/c.jpg\tc.png\n")
-    (tmp_path / DONE_FOLDER / "w2.tsv").write_text("/in/b.jpg\tb.png")  # cut by a crash
+    (tmp_path / DONE_FOLDER / "w1.jsonl").write_text(
+        '["/in/a.jpg", "a.png"]\n["/in/c.jpg", "c.png"]\n'
+    )
+    (tmp_path / DONE_FOLDER / "w2.jsonl").write_text('["/in/b.jpg", "b.png"]')  # cut by a crash
     assert read_done(tmp_path) == {"/in/a.jpg"}
 
 

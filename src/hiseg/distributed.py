@@ -9,7 +9,7 @@ read images with hiseg's strict reader and write results themselves with the loc
 worker sees (the local disk of a one-machine cluster, or a shared file system).
 
 A bad image never stops the job: it comes back as a failed row and ends in ``failed.csv``. Each
-worker appends every finished input to ``<out>/.hiseg-done/<worker>.tsv`` after its files are in
+worker appends every finished input to ``<out>/.hiseg-done/<worker>.jsonl`` after its files are in
 place; a later run over the same ``--out`` skips the inputs listed there whose outputs all still
 exist, so a crashed or stopped job resumes where it was.
 """
@@ -103,10 +103,10 @@ def read_done(out: Path) -> set[str]:
     folder = out / DONE_FOLDER
     if not folder.is_dir():
         return done
-    for record in sorted(folder.glob("*.tsv")):
-        text = record.read_text(errors="replace")
+    for record in sorted(folder.glob("*.jsonl")):
+        text = record.read_text(encoding="utf-8", errors="replace")
         for line in text.split("\n")[:-1]:  # a line cut by a crash has no newline: not done
-            path, *outputs = line.split("\t")
+            path, *outputs = json.loads(line)
             if outputs and all((out / name).is_file() for name in outputs):
                 done.add(path)
     return done
@@ -129,7 +129,7 @@ class Segmenter:
         self.predictor = load(**load_options)
         self.saver = WorkerSaver(Path(out), levels=levels, summary=summary)
         self.done = read_done(self.saver.out)
-        record = self.saver.out / DONE_FOLDER / f"{uuid.uuid4().hex}.tsv"
+        record = self.saver.out / DONE_FOLDER / f"{uuid.uuid4().hex}.jsonl"
         record.parent.mkdir(exist_ok=True)
         self.record = record.open("a", encoding="utf-8")
 
@@ -138,8 +138,7 @@ class Segmenter:
         files = [str(p) for p in batch["file"]]
         rows: dict[str, list[str]] = {k: [] for k in ("path", "status", "reason", "summary")}
         todo = [i for i, file in enumerate(files) if file not in self.done]
-        predicted = self.predictor.predict_batch([files[i] for i in todo])
-        results = dict(zip(todo, predicted, strict=True))
+        results = dict(zip(todo, self._predict([files[i] for i in todo]), strict=True))
         for i, (path, file) in enumerate(zip(given, files, strict=True)):
             status, reason, summary = self._finish(path, file, results.get(i))
             rows["path"].append(path)
@@ -147,6 +146,16 @@ class Segmenter:
             rows["reason"].append(reason)
             rows["summary"].append(summary)
         return rows
+
+    def _predict(self, files: list[str]) -> list[Any]:
+        """Results or errors; a batch too large for memory is retried one image at a time, so
+        only an image too large alone fails."""
+        try:
+            return self.predictor.predict_batch(files)
+        except MemoryError:
+            if len(files) == 1:
+                return [HisegError("out of memory while segmenting")]
+            return [item for file in files for item in self._predict([file])]
 
     def _finish(self, path: str, file: str, result: Any) -> tuple[str, str, str]:
         """(status, failure reason, JSON of the image's summary) of one input, saving it."""
@@ -161,8 +170,8 @@ class Segmenter:
         except (HisegError, OSError) as err:
             return "failed", f"cannot save the results ({err})", ""
         names = [p.name for p in paths]
-        self.record.write("\t".join([file, *names]) + "\n")
-        self.record.flush()  # on disk before the row is reported: a crash later keeps it done
+        self.record.write(json.dumps([file, *names]) + "\n")
+        self.record.flush()  # in the file before the row is reported: a crash later keeps it done
         summary = {**result.summary(), "image": path, "outputs": names}
         return "done", "", json.dumps(summary)
 
@@ -324,7 +333,7 @@ class Evaluator:
         self.dataset = dataset
         self.options = options
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         from hiseg.evaluation import evaluate_model
 
         part = copy.copy(self.dataset)
