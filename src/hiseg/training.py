@@ -203,7 +203,9 @@ class SegmentationTask(L.LightningModule):
         r + i x world of the padded list, whose items past the split's end are the repeats."""
         world = self.trainer.world_size
         position = self.global_rank + batch_idx * world
-        return world > 1 and position >= len(self.trainer.val_dataloaders.dataset)
+        loader = self.trainer.val_dataloaders
+        assert loader is not None, "a validation step runs with its loader"
+        return world > 1 and position >= len(loader.dataset)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """Predict one val image through :class:`hiseg.predictor.Predictor`, the code of
