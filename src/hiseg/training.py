@@ -202,10 +202,11 @@ class SegmentationTask(L.LightningModule):
         split's one confusion matrix. Rank r's i-th image (batch size 1, unshuffled) is item
         r + i x world of the padded list, whose items past the split's end are the repeats."""
         world = self.trainer.world_size
-        position = self.global_rank + batch_idx * world
+        if world == 1:
+            return False
         loader = self.trainer.val_dataloaders
         assert loader is not None, "a validation step runs with its loader"
-        return world > 1 and position >= len(loader.dataset)
+        return self.global_rank + batch_idx * world >= len(loader.dataset)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """Predict one val image through :class:`hiseg.predictor.Predictor`, the code of
