@@ -1,7 +1,7 @@
 """``hiseg serve``: a REST API and a web page over the same :class:`~hiseg.predictor.Predictor`.
 
 Each model is loaded once at startup (one ONNX Runtime session, whose ``run`` is thread-safe).
-Inference runs on a fixed pool of ``workers`` threads (about one per core); at most ``queue``
+Inference runs on a fixed pool of ``workers`` threads (one per two cores); at most ``queue``
 more requests wait for one, and any beyond get 503 with ``Retry-After`` at once, so overload
 shows as fast refusals instead of growing memory and latency. Uploads are read from the request
 stream into memory, never spooled to disk, and refused with 413 as soon as they pass the limit.
