@@ -134,3 +134,13 @@ def test_without_ray_one_line_names_the_extra(monkeypatch, tmp_path):
     Image.new("RGB", (40, 30)).save(image)
     code, output = predict(str(image), "--engine", "ray", "-o", str(tmp_path / "out"))
     assert code == 2 and "error: --engine ray needs Ray Data: pip install 'hiseg[ray]'" in output
+
+
+def test_eval_on_ray_names_a_bad_image_as_the_local_engine_does(cluster, tiny_data, tmp_path):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    bad = data / "images" / f"{(data / 'val.txt').read_text().split()[0]}.jpg"
+    bad.write_text("not a JPEG")
+    args = ["eval", "--data", str(data), "-m", "pascal-person-part", "--engine", "ray", *FAST]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert f"error: {bad}: not an image (unknown or corrupt format)" in result.output

@@ -24,7 +24,7 @@ import os
 import pickle
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -280,7 +280,7 @@ def predict_on_ray(
             },
         )
         try:
-            for row in _rows(rows):
+            for row in rows.iter_rows():
                 _collect(run, row)
                 if on_image:
                     on_image()
@@ -334,12 +334,17 @@ class Evaluator:
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        from hiseg.evaluation import evaluate_model
+        """One row: the batch's pickled :class:`EvalResult`, or the error that stopped it (Ray
+        hands a worker's exception back as text only, so hiseg's errors travel as a row)."""
+        from hiseg.evaluation import EvaluationError, evaluate_model
 
         part = copy.copy(self.dataset)
         part.samples = [self.dataset.samples[int(i)] for i in batch["index"]]
-        result = evaluate_model(self.predictor, part, **self.options)
-        return {"result": [pickle.dumps(result)], "n": [len(part.samples)]}
+        try:
+            result, error = pickle.dumps(evaluate_model(self.predictor, part, **self.options)), ""
+        except EvaluationError as err:
+            result, error = b"", str(err)
+        return {"result": [result], "error": [error], "n": [len(part.samples)]}
 
 
 def merge_results(parts: list[EvalResult], order: list[str], keep_worst: int) -> EvalResult:
@@ -363,8 +368,10 @@ def merge_results(parts: list[EvalResult], order: list[str], keep_worst: int) ->
     position = {sample_id: i for i, sample_id in enumerate(order)}
     scored = {k: v for part in parts for k, v in part.image_miou.items()}
     merged.image_miou = {k: scored[k] for k in sorted(scored, key=position.__getitem__)}
+    # evaluate_model keeps the later of tied images, and lists the kept ones in split order
     worst = [e for part in parts for e in part.worst]
-    merged.worst = sorted(worst, key=lambda e: (e.miou, position[e.id]))[:keep_worst]
+    kept = sorted(worst, key=lambda e: (e.miou, -position[e.id]))[:keep_worst]
+    merged.worst = sorted(kept, key=lambda e: (e.miou, position[e.id]))
     return merged
 
 
@@ -381,10 +388,10 @@ def evaluate_on_ray(
     """:func:`hiseg.evaluation.evaluate_model` over Ray actors: each scores batches of the split,
     the driver merges their confusion matrices (:meth:`ConfusionMatrix.merge`)."""
     ray = connect(address)
+    from hiseg.evaluation import EvaluationError
+
     n = min(limit or len(dataset), len(dataset))
     if n == 0:
-        from hiseg.evaluation import EvaluationError
-
         raise EvaluationError(f"{dataset.root}: split '{dataset.split}' has no samples")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors, threads = plan_actors(cpus, workers, load_options.get("threads"))
@@ -402,19 +409,10 @@ def evaluate_on_ray(
         },
     )
     parts = []
-    for row in _rows(rows):
+    for row in rows.iter_rows():
+        if row["error"]:
+            raise EvaluationError(row["error"])
         parts.append(pickle.loads(row["result"]))
         if progress:
             progress(int(row["n"]))
     return merge_results(parts, [s.id for s in dataset.samples[:n]], keep_worst)
-
-
-def _rows(data: Any) -> Iterator[dict[str, Any]]:
-    """The rows of a job; an error raised inside a worker comes back as that HisegError."""
-    try:
-        yield from data.iter_rows()
-    except Exception as err:
-        cause = getattr(err, "cause", None) or err.__cause__
-        if isinstance(cause, HisegError):
-            raise cause from None
-        raise
