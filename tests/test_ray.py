@@ -144,3 +144,17 @@ def test_eval_on_ray_names_a_bad_image_as_the_local_engine_does(cluster, tiny_da
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert f"error: {bad}: not an image (unknown or corrupt format)" in result.output
+
+
+def test_csv_and_parquet_listings_and_more_workers_than_cores(cluster, photos, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.csv").write_text(f"path,album\n{photos / 'group.jpg'},2024\n")
+    pq.write_table(pa.table({"path": [str(photos / "grey.png")]}), tmp_path / "b.parquet")
+    listings = [str(tmp_path / "a.csv"), str(tmp_path / "b.parquet")]
+    code, output = predict(
+        *listings, "--engine", "ray", "--workers", "3", "-o", str(tmp_path / "o")
+    )
+    assert code == 0, output
+    assert {"group.png", "grey.png"} <= {p.name for p in (tmp_path / "o").iterdir()}

@@ -271,7 +271,7 @@ def predict_on_ray(
             batch_size=BATCH_SIZE,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=threads,
+            num_cpus=min(threads, cpus / actors),  # more actors than cores share them
             fn_constructor_kwargs={
                 "load_options": {**load_options, "threads": threads},
                 "out": str(saver.out),
@@ -401,7 +401,7 @@ def evaluate_on_ray(
         batch_size=BATCH_SIZE,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=threads,
+        num_cpus=min(threads, cpus / actors),
         fn_constructor_kwargs={
             "load_options": {**load_options, "threads": threads},
             "dataset": dataset,
