@@ -238,8 +238,8 @@ def _convert(path: str, hint: Any, value: Any) -> Any:
             return value
         allowed = ", ".join(repr(a) for a in args)
         raise ConfigError(f"config key '{path}' must be one of {allowed}, got {value!r}")
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)  # type: ignore[arg-type]
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
     if origin is list:
         if not isinstance(value, list):
             raise _wrong_type(path, hint, value)

@@ -161,8 +161,8 @@ def expand_sources(texts: list[str]) -> Inputs:
                     inputs.failed.append(failure)
             elif fault:
                 inputs.failed.append((str(path), fault))
-            elif path.is_file() and _kind(path):
-                add(path, _kind(path))  # type: ignore[arg-type]
+            elif path.is_file() and (kind := _kind(path)):
+                add(path, kind)
                 found += 1
         if not found:
             inputs.failed.append((text, empty))

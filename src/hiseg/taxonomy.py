@@ -430,7 +430,7 @@ def _collect_nodes(
     node = Node(
         name=str(item["name"]),
         value=None if item.get("value") is None else int(item["value"]),
-        color=None if color is None else tuple(int(c) for c in color),  # type: ignore[arg-type]
+        color=None if color is None else (int(color[0]), int(color[1]), int(color[2])),
     )
     if parent is not None:
         node.parent = parent

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -108,7 +108,7 @@ class TemporalSmoother:
 # -- frames in, frames out --------------------------------------------------------------------
 
 
-def frames(source: Source) -> tuple[Iterator[np.ndarray], float, int]:
+def frames(source: Source) -> tuple[Generator[np.ndarray, None, None], float, int]:
     """RGB frames of a video or webcam, its frame rate and frame count (0 when unknown)."""
     if source.camera is not None:
         capture = cv2.VideoCapture(source.camera)
@@ -119,7 +119,7 @@ def frames(source: Source) -> tuple[Iterator[np.ndarray], float, int]:
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else 0
 
-    def read() -> Iterator[np.ndarray]:
+    def read() -> Generator[np.ndarray, None, None]:
         try:
             while True:
                 ok, frame = capture.read()
@@ -151,7 +151,7 @@ class _Failure:
         self.error = error
 
 
-def read_ahead(stream: Iterable[_T], depth: int = QUEUE_DEPTH) -> Iterator[_T]:
+def read_ahead(stream: Iterable[_T], depth: int = QUEUE_DEPTH) -> Generator[_T, None, None]:
     """The items of ``stream``, produced by a thread up to ``depth`` ahead of the consumer. Its
     errors are raised here; closing this iterator stops the thread and closes ``stream``."""
     items: queue.Queue = queue.Queue(depth)
@@ -303,7 +303,7 @@ def segment_video(
     else:
         output.close()
     finally:
-        reader.close()  # type: ignore[attr-defined]
+        reader.close()
         writer.release()
     if writer.count == 0:
         raise ImageReadError(str(source), "no frames could be read")
