@@ -156,8 +156,9 @@ def create_model(
         ) from err
     if local_weights:
         _load_encoder_state(net, load_lite_imagenet_state(smp_name))
-    if getattr(getattr(net.decoder, "merge", None), "policy", None) == "add":
-        net.decoder.merge = AddMerge()  # type: ignore[union-attr]
+    decoder_module = net.get_submodule("decoder")
+    if getattr(getattr(decoder_module, "merge", None), "policy", None) == "add":
+        decoder_module.merge = AddMerge()
     return SegmentationModel(net, arch_key, smp_name, tree, decoder)
 
 
@@ -279,7 +280,7 @@ def _load_encoder_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
     The features model keeps timm's key names but drops the classifier head; any other
     difference means the weights do not fit, so it raises instead of loading partially.
     """
-    features: nn.Module = net.encoder.model  # type: ignore[union-attr,assignment]
+    features = net.get_submodule("encoder.model")
     wanted = features.state_dict()
     missing = [k for k in wanted if k not in state or state[k].shape != wanted[k].shape]
     if missing:

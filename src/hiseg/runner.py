@@ -399,7 +399,8 @@ def run(
                 break
             try:
                 if source.kind == "image":
-                    result = predictor.predict(source.path)  # type: ignore[arg-type]
+                    assert source.path is not None, "an image source is a file"
+                    result = predictor.predict(source.path)
                     paths = saver.save(result, source.stem)
                     report.saved += paths
                     report.summaries.append(
