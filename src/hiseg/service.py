@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ctypes
 import hmac
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -302,7 +304,14 @@ def create_app(settings: Settings) -> FastAPI:
     models = load_models(settings)
     default = next(iter(models))
     gate = Gate(settings.workers, settings.queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        gate.executor.shutdown(wait=False, cancel_futures=True)  # no worker threads outlive it
+
     app = FastAPI(
+        lifespan=lifespan,
         title="hiseg",
         version=__version__,
         description="Hierarchical human segmentation: person, upper/lower body, six parts.",
