@@ -93,10 +93,14 @@ def _checked_run(
     return checked
 
 
-def onnx_backend(path: Path, threads: int | None = None) -> Backend:
+def onnx_backend(path: Path, threads: int | None = None, memory_arena: bool = True) -> Backend:
+    """``memory_arena=False`` makes ONNX Runtime free each run's buffers instead of keeping them
+    in an arena that grows in steps with the mix of image sizes: what a long-running server
+    wants (``benchmarks/serve_load.md``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
     options.intra_op_num_threads = _threads(threads)
     options.inter_op_num_threads = 1
     # Idle ORT threads otherwise spin after each run and starve the NumPy steps around it.
@@ -165,11 +169,16 @@ def resolve_model(name_or_path: str | Path | None) -> Path:
     raise ModelError(f"{text}: no such model file and no bundled model of that name ({known})")
 
 
-def load_backend(name_or_path: str | Path | None, backend: str = "auto", threads=None) -> Backend:
+def load_backend(
+    name_or_path: str | Path | None,
+    backend: str = "auto",
+    threads: int | None = None,
+    memory_arena: bool = True,
+) -> Backend:
     path = resolve_model(name_or_path)
     kind = backend if backend != "auto" else ("torch" if path.suffix == ".ckpt" else "onnx")
     if kind == "onnx":
-        return onnx_backend(path, threads)
+        return onnx_backend(path, threads, memory_arena)
     if kind == "torch":
         return torch_backend(path, threads)
     raise ModelError(f"unknown backend '{backend}' (auto, onnx, torch)")
@@ -460,11 +469,13 @@ def load(
     tile: bool = False,
     zoom: bool = False,
     clean: int | None = None,
+    memory_arena: bool = True,
 ) -> Predictor:
     """A predictor for a bundled model name, an ``.onnx`` file, a ``.ckpt`` checkpoint, or a
-    list of them (an ensemble). ``None`` is the default bundled model."""
+    list of them (an ensemble). ``None`` is the default bundled model. ``memory_arena``: see
+    :func:`onnx_backend`."""
     names = [model] if model is None or isinstance(model, (str, Path)) else list(model)
-    backends = [load_backend(name, backend, threads) for name in names]
+    backends = [load_backend(name, backend, threads, memory_arena) for name in names]
     return Predictor(
         backends,
         long_side=long_side,

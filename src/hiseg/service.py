@@ -149,7 +149,8 @@ def load_models(settings: Settings) -> dict[str, ServedModel]:
         name = text if text in bundled_models() else path.stem
         if name in served:
             raise HisegError(f"{text}: two models named '{name}'; rename one file")
-        predictor = load(path, threads=threads, long_side=settings.long_side)
+        # no ONNX Runtime arena: a server must not grow in steps with the mix of image sizes
+        predictor = load(path, threads=threads, long_side=settings.long_side, memory_arena=False)
         served[name] = ServedModel(name, predictor)
     return served
 
