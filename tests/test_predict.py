@@ -1,6 +1,7 @@
 """`hiseg predict` and the Python API on a small model trained inside the session."""
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 
 import hiseg
 from hiseg.cli import app
+from hiseg.errors import HisegError
 
 runner = CliRunner()
 
@@ -165,3 +167,27 @@ def test_training_validation_scores_what_predict_gives(tiny_checkpoint, tiny_dat
     levels = result.scores()["levels"]
     for k, level in levels.items():
         assert float(logged[f"miou{k}"]) == pytest.approx(level["miou"] or 0.0, abs=1e-3), k
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"long_side": -5}, "long_side must be between 32 and 4096"),
+        ({"long_side": 100000}, "long_side must be between 32 and 4096"),
+        ({"scales": (1.0, float("nan"))}, "scales must lie in"),
+        ({"clean": -1}, "clean must be 0"),
+        ({"threads": 0}, "threads must be at least 1"),
+    ],
+)
+def test_the_python_api_refuses_settings_the_cli_refuses(settings, message):
+    """hiseg.load checks what the CLI checks: -5 once gave all-background, 100000 the OOM
+    killer."""
+    with pytest.raises(HisegError, match=message):
+        hiseg.load("person", **settings)
+
+
+def test_threads_are_clamped_to_the_cores():
+    from hiseg.predictor import _threads
+
+    assert _threads(100000) == (os.cpu_count() or 1)
+    assert _threads(None) == (os.cpu_count() or 1) and _threads(1) == 1

@@ -30,6 +30,7 @@ from hiseg.data import (
 )
 from hiseg.errors import HisegError
 from hiseg.evaluation import EvaluationError, score_prediction_dir
+from hiseg.pipeline import LONG_SIDE_RANGE, SCALE_RANGE
 from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
 
 
@@ -259,11 +260,6 @@ WORKERS = typer.Option(
     "--threads); each uses CPUs / workers threads unless --threads.",
 )
 
-#: Network input long sides accepted: below 32 px nothing is left to see, above 4096 px the
-#: full-size probability maps no longer fit a typical machine's memory.
-LONG_SIDE_RANGE = (32, 4096)
-#: TTA scales accepted (times the long side).
-SCALE_RANGE = (0.25, 4.0)
 
 
 def at_least(option: str, value: int | None, low: int) -> int | None:

@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     from hiseg.taxonomy import Tree
 
 
+#: Network input long sides accepted: below 32 px nothing is left to see, above 4096 px the
+#: full-size probability maps no longer fit a typical machine's memory.
+LONG_SIDE_RANGE = (32, 4096)
+#: TTA scales accepted (times the long side).
+SCALE_RANGE = (0.25, 4.0)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """How an image was fitted to the network, so the output can be mapped back."""

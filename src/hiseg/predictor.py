@@ -26,7 +26,15 @@ import numpy as np
 from hiseg.data import MIN_REGION_PIXELS, person_regions
 from hiseg.errors import HisegError
 from hiseg.images import ImageLike, as_rgb
-from hiseg.pipeline import Geometry, Probabilities, batch_softmax, prepare, restore
+from hiseg.pipeline import (
+    LONG_SIDE_RANGE,
+    SCALE_RANGE,
+    Geometry,
+    Probabilities,
+    batch_softmax,
+    prepare,
+    restore,
+)
 from hiseg.postprocess import clean_labels
 from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 from hiseg.taxonomy import Tree
@@ -71,7 +79,11 @@ class Backend:
 
 
 def _threads(threads: int | None) -> int:
-    return threads or os.cpu_count() or 1
+    """All cores by default; more threads than cores only thrash (100000 once broke a machine)."""
+    cores = os.cpu_count() or 1
+    if threads is not None and threads < 1:
+        raise ModelError(f"threads must be at least 1, not {threads}")
+    return min(threads or cores, cores)
 
 
 def _checked_run(
@@ -265,6 +277,13 @@ class Predictor:
         for b in backends[1:]:
             if not b.tree.same_as(tree):
                 raise ModelError(f"{b.name}: its tree '{b.tree.name}' differs from '{tree.name}'")
+        low, high = LONG_SIDE_RANGE
+        if long_side is not None and not low <= long_side <= high:
+            raise ModelError(f"long_side must be between {low} and {high} pixels, not {long_side}")
+        if not all(SCALE_RANGE[0] <= s <= SCALE_RANGE[1] for s in scales):  # refuses NaN too
+            raise ModelError(f"scales must lie in {SCALE_RANGE[0]}..{SCALE_RANGE[1]}, not {scales}")
+        if clean is not None and clean < 0:
+            raise ModelError(f"clean must be 0 (off) or a region size in pixels, not {clean}")
         self.backends = list(backends)
         self.tree = tree
         self.long_side = long_side or backends[0].long_side
