@@ -28,9 +28,11 @@ import cv2
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from hiseg import __version__
 from hiseg.errors import HisegError
@@ -316,6 +318,8 @@ def create_app(settings: Settings) -> FastAPI:
         title="hiseg",
         version=__version__,
         description="Hierarchical human segmentation: person, upper/lower body, six parts.",
+        docs_url=None,  # FastAPI's page loads Swagger UI from a CDN: blank offline
+        redoc_url=None,
     )
     app.state.models = models
     app.state.gate = gate
@@ -435,6 +439,18 @@ def create_app(settings: Settings) -> FastAPI:
         return FileResponse(str(STATIC / "index.html"))
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """The OpenAPI page with Swagger UI served from the package: it works with no network."""
+        return get_swagger_ui_html(
+            openapi_url=str(app.openapi_url),
+            title="hiseg API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
     return app
 
 
