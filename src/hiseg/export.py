@@ -41,6 +41,7 @@ from hiseg.metrics import ConfusionMatrix
 from hiseg.models import load_checkpoint
 from hiseg.pipeline import prepare
 from hiseg.predictor import load, load_backend
+from hiseg.runner import publish
 from hiseg.spec import METADATA_KEY, ModelSpec
 
 INPUT, OUTPUT = "image", "logits"
@@ -346,15 +347,8 @@ def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
 
 
 def _save_atomic(proto: onnx.ModelProto, out: Path) -> Path:
-    """Write to a temporary file and rename: a reader never sees a half-written model."""
+    """Through the runner's temporary-file-and-rename writer: a reader never sees a
+    half-written model."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    publish(out, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
     return out

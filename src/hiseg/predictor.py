@@ -149,8 +149,7 @@ def torch_backend(path: Path, threads: int | None = None) -> Backend:
     except ImportError as err:
         msg = f"{path}: the torch backend needs pip install 'hiseg[train]' ({err})"
         raise ModelError(msg) from None
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(_threads(threads))
     model, spec = load_checkpoint(path)
 
     def run(x: np.ndarray) -> np.ndarray:
