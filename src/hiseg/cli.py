@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -32,6 +32,9 @@ from hiseg.errors import HisegError
 from hiseg.evaluation import EvaluationError, score_prediction_dir
 from hiseg.pipeline import LONG_SIDE_RANGE, SCALE_RANGE
 from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
+
+if TYPE_CHECKING:
+    from hiseg.runner import RunReport
 
 
 class HisegGroup(TyperGroup):
@@ -531,15 +534,7 @@ def predict_with_ray(texts, out, levels, summary, load_options, address, workers
     for path in (summary_path, job.failed_csv):
         if path:
             console.print(f"{path.stem}: {path}", highlight=False)
-    if job.renamed:
-        taken = ", ".join(f"{a} -> {b}" for a, b in job.renamed[:3])
-        err_console.print(f"note: names already taken in {out}/: {taken}", highlight=False)
-    for name, reason in report.failed:
-        err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
-    if report.stopped:
-        raise typer.Exit(128 + report.stopped)
-    if report.failed:
-        raise typer.Exit(1)
+    finish_run(report, job.renamed, out)
 
 
 @app.command("predict")
@@ -637,11 +632,17 @@ def predict_command(
         console.print(f"summary: {summary_path}", highlight=False)
     if found.repeats:
         console.print(f"note: {found.repeats} repeated path(s) to an input were skipped")
-    if saver.renamed:
-        shown = ", ".join(f"{a} -> {b}" for a, b in saver.renamed[:3])
-        more = ", ..." if len(saver.renamed) > 3 else ""
+    finish_run(report, saver.renamed, out)
+
+
+def finish_run(report: RunReport, renamed: Sequence[tuple[str, str]], out: Path) -> None:
+    """The end of a predict run, local or on Ray: renamed outputs, each failure, and the exit
+    code (128 + signal when stopped, 1 when an input failed)."""
+    if renamed:
+        shown = ", ".join(f"{a} -> {b}" for a, b in renamed[:3])
+        more = ", ..." if len(renamed) > 3 else ""
         err_console.print(
-            f"note: {len(saver.renamed)} name(s) already taken in {out}/ (existing files are "
+            f"note: {len(renamed)} name(s) already taken in {out}/ (existing files are "
             f"never replaced): {shown}{more}",
             highlight=False,
         )
