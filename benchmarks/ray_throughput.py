@@ -22,6 +22,7 @@ from pathlib import Path
 import onnxruntime
 import ray
 
+from hiseg.bench import cpu_name
 from hiseg.distributed import predict_on_ray
 from hiseg.predictor import load
 from hiseg.runner import Saver, Source, run
@@ -51,17 +52,9 @@ def time_ray(listing: Path, model: str, out: Path, workers: int) -> float:
 
 
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     load1, load5, _ = os.getloadavg()
     return (
-        f"{cpu} ({os.cpu_count()} logical cores), Python {platform.python_version()}, "
+        f"{cpu_name()}, Python {platform.python_version()}, "
         f"onnxruntime {onnxruntime.__version__}, ray {ray.__version__}; load average before the "
         f"run {load1:.1f} (1 min) / {load5:.1f} (5 min)"
     )

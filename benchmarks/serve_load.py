@@ -16,7 +16,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -28,6 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from hiseg.bench import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = [ROOT / "examples" / "astronaut.jpg", ROOT / "examples" / "group.jpg"]
@@ -158,16 +159,8 @@ def predict_cli(model: str, copies: int) -> dict:
 
 
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     load1, load5, _ = os.getloadavg()
-    return f"{cpu}, {os.cpu_count()} cores, load average {load1:.1f} / {load5:.1f} at start"
+    return f"{cpu_name()}, load average {load1:.1f} / {load5:.1f} at start"
 
 
 def main() -> None:

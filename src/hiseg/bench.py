@@ -124,7 +124,7 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, command: st
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {_cpu_name()}, {platform.python_implementation()} "
+        f"Machine: {cpu_name()}, {platform.python_implementation()} "
         f"{platform.python_version()}, {', '.join(versions)}; "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
@@ -177,7 +177,7 @@ def _stats(times_ms: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU model (Linux) or what the platform reports, and the core count."""
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
