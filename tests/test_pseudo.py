@@ -307,3 +307,52 @@ def test_cli_refuses_bad_options_in_one_line(photos, tmp_path):
         result = label(*args, "--data", str(photos), "-o", str(tmp_path / "x"))
         assert result.exit_code == 2 and reason in result.output, result.output
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_label_photos_writes_any_teachers_labels(photos, tmp_path):
+    """label_photos with a teacher that is not a hiseg model (here a fixed ramp; in
+    benchmarks/mediapipe_teacher.py a blend with MediaPipe): its probabilities are stored as
+    pseudo_label stores them, its records and settings go in the manifest and decide resuming,
+    the broken photo is reported, and PseudoLabels reads the folder back."""
+    from hiseg.errors import HisegError
+    from hiseg.images import as_rgb
+    from hiseg.pipeline import Probabilities
+    from hiseg.predictor import Result
+    from hiseg.pseudo import label_photos
+
+    tree = load_tree("person")
+    expected = {}
+
+    def ramp(paths):
+        results = []
+        for path in paths:
+            try:
+                image, _ = as_rgb(path)
+            except HisegError as err:
+                results.append(err)
+                continue
+            height, width = image.shape[:2]
+            person = np.linspace(0, 1, height * width, dtype=np.float32).reshape(height, width)
+            probs = np.stack([1 - person, person])
+            expected[path.stem] = probs
+            labels = (person >= 0.5).astype(np.uint8)
+            results.append(Result(image, labels, tree, path, Probabilities.from_full(probs)))
+        return results
+
+    out = tmp_path / "ramp"
+    teachers = [{"file": "ramp", "weight": 0.5}]
+    report = label_photos(ramp, tree, teachers, {"ramp": 1}, photos, out, batch_size=3)
+    assert report.labelled == 4 and [p for p, _ in report.failed] == [str(photos / "broken.jpg")]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["teachers"] == teachers
+    assert manifest["settings"] == {"mode": "soft", "threshold": 0.9, "ramp": 1}
+    dataset = PseudoLabels(out)
+    assert sorted(s.id for s in dataset.samples) == sorted(expected)
+    for sample in dataset.samples:
+        stored = dataset.read_labels(sample)
+        assert np.array_equal(stored, quantise(expected[sample.id]))
+        assert manifest["labels"][sample.id]["confident"] == pytest.approx(
+            (expected[sample.id].max(0) >= 0.9).mean(), abs=1e-4
+        )
+    with pytest.raises(ValueError, match=r"made with other settings \(ramp: 1, not 2\)"):
+        label_photos(ramp, tree, teachers, {"ramp": 2}, photos, out)

@@ -2,7 +2,7 @@
 
 :func:`pseudo_label` runs a teacher (a :class:`hiseg.predictor.Predictor`: one model or an
 ensemble, with its flip / scale test-time augmentation) over a folder of photos and writes, per
-photo, under ``out/``:
+photo, under ``out/`` (:func:`label_photos` does the same for any other teacher):
 
 * ``soft`` mode: ``<stem>.npz`` holding ``probs``, the (leaves, H, W) leaf probabilities at the
   photo's size, quantised to uint8 (255 = 1.0; channel i = ``tree.leaves[i]``);
@@ -129,6 +129,36 @@ def pseudo_label(
     skipped; an ``out`` made with others is refused (never mixed). ``progress(n)`` is called as
     photos finish (skipped ones included).
     """
+    settings = {
+        "flip": predictor.flip,
+        "scales": list(predictor.scales),
+        "long_side": predictor.long_side,
+        "clean": predictor.clean,
+    }
+    teachers = teacher_records(predictor)
+    return label_photos(
+        predictor.predict_batch, predictor.tree, teachers, settings, photos, out,
+        mode, threshold, limit, progress, batch_size=predictor.batch_size,
+    )  # fmt: skip
+
+
+def label_photos(
+    label_batch: Callable[[list[Path]], list[Result | HisegError]],
+    tree: Tree,
+    teachers: list[dict[str, Any]],
+    settings: dict[str, Any],
+    photos: Path,
+    out: Path,
+    mode: str = "soft",
+    threshold: float = 0.9,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    batch_size: int = 1,
+) -> PseudoReport:
+    """:func:`pseudo_label` for any teacher: ``label_batch(paths)`` gives each photo's
+    :class:`Result` (leaf probabilities of ``tree``) or its error, e.g. a blend with a model that
+    is not a hiseg one (benchmarks/mediapipe_teacher.py). ``teachers`` and ``settings`` describe
+    it in the manifest, beside ``mode`` and ``threshold``, and decide whether a run resumes."""
     if mode not in MODES:
         raise PseudoLabelError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
     if not 0 < threshold <= 1:
@@ -141,16 +171,9 @@ def pseudo_label(
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "images": str(photos.resolve()),
-        "tree": predictor.tree.to_dict(),
-        "teachers": teacher_records(predictor),
-        "settings": {
-            "mode": mode,
-            "threshold": threshold,
-            "flip": predictor.flip,
-            "scales": list(predictor.scales),
-            "long_side": predictor.long_side,
-            "clean": predictor.clean,
-        },
+        "tree": tree.to_dict(),
+        "teachers": teachers,
+        "settings": {"mode": mode, "threshold": threshold, **settings},
         "labels": {},
         "failed": [],
     }
@@ -189,9 +212,9 @@ def pseudo_label(
         publish(path, json_writer(manifest))
 
     try:
-        for start in range(0, len(todo), predictor.batch_size):
-            chunk = todo[start : start + predictor.batch_size]
-            for photo, result in zip(chunk, predictor.predict_batch(chunk), strict=True):
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            for photo, result in zip(chunk, label_batch(chunk), strict=True):
                 if isinstance(result, HisegError):
                     reason = result.reason if isinstance(result, ImageReadError) else str(result)
                     report.failed.append((str(photo), reason))
