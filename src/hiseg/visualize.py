@@ -16,12 +16,22 @@ def colorize(labels: np.ndarray, tree: Tree, level: int | None = None) -> np.nda
 def overlay(
     image: np.ndarray, labels: np.ndarray, tree: Tree, level: int | None = None, alpha: float = 0.55
 ) -> np.ndarray:
-    """The photo with the coloured labels blended over every non-background pixel."""
-    colours = colorize(labels, tree, level).astype(np.float32)
-    out = image.astype(np.float32)
-    fg = (labels != tree.background.value)[..., None]
-    out = np.where(fg, (1 - alpha) * out + alpha * colours, out)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    """The RGB uint8 photo with the coloured labels blended (weight ``alpha``) over every
+    non-background pixel, a new array. In uint8 with OpenCV and only inside the box around the
+    labelled pixels: a video's writer thread draws one per frame, and the float blend took longer
+    than the network (this one is within 1 of it, equal on the background)."""
+    out = image.copy()
+    labels = labels.astype(np.uint8, copy=False)
+    x, y, w, h = cv2.boundingRect((labels != tree.background.value).view(np.uint8))
+    if w == 0:
+        return out
+    box = np.s_[y : y + h, x : x + w]
+    leaves = labels[box]
+    colours = cv2.LUT(cv2.merge([leaves, leaves, leaves]), tree.palette(level)[:, None])
+    blended = cv2.addWeighted(image[box], 1 - alpha, colours, alpha, 0.0)
+    background = (leaves == tree.background.value).view(np.uint8)
+    out[box] = cv2.copyTo(image[box], background, blended)
+    return out
 
 
 def legend_panel(tree: Tree, names: list[str], height: int) -> np.ndarray:
