@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # torch/torchvision pinned to the releases this machine kind serves locally (see the file).
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test lint clean-venv bench-person browser
+.PHONY: demo test lint clean-venv bench-person browser person-teacher
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,15 @@ bench-person: .venv-bench/bin/python
 	.venv-bench/bin/python benchmarks/person_vs_mediapipe.py --threads 2
 	.venv-bench/bin/python benchmarks/person_vs_mediapipe.py --threads 2 \
 		--data ../shared/data/pascal-person-part --split val --out benchmarks/person_vs_mediapipe_pascal
+
+# MediaPipe as an extra teacher at training time only (issue 19): scores it, hiseg's TTA teacher
+# and their blends on PicsArt valid, then writes soft pseudo-labels of the best blend and of
+# MediaPipe alone. Needs hiseg's soft labels first (hiseg pseudo-label -m person --mode soft
+# --flip --scales 1,1.25,1.5 ... -o $(PERSON_RUNS)/pseudo-tta-soft).
+PERSON_RUNS ?= /work/runs/person
+person-teacher: .venv-bench/bin/python
+	.venv-bench/bin/python benchmarks/mediapipe_teacher.py score --threads 1
+	.venv-bench/bin/python benchmarks/mediapipe_teacher.py label \
+		--hiseg-labels $(PERSON_RUNS)/pseudo-tta-soft -o $(PERSON_RUNS)/pseudo-mp-ens-soft
+	.venv-bench/bin/python benchmarks/mediapipe_teacher.py label --weight 1 \
+		-o $(PERSON_RUNS)/pseudo-mp-soft
