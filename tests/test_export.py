@@ -51,10 +51,10 @@ def test_export_has_dynamic_io_and_metadata(tiny_checkpoint, onnx_path):
     (image,), (logits,) = session.get_inputs(), session.get_outputs()
     assert (image.name, logits.name) == ("image", "logits")
     assert image.type == "tensor(float)" and image.shape == ["batch", 3, "height", "width"]
-    assert logits.shape == ["batch", 7, "height", "width"]
+    assert logits.shape == ["batch", 7, "height_over_4", "width_over_4"]  # FPN's head: x4
     spec = ModelSpec.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     _, ckpt_spec = load_checkpoint(tiny_checkpoint)
-    assert spec == ckpt_spec and spec.schema == SCHEMA_VERSION
+    assert spec == ckpt_spec and spec.schema == SCHEMA_VERSION and spec.output_scale == 4
     assert spec.hiseg_version == hiseg.__version__
     assert (spec.precision, spec.default_clean) == ("fp32", 0)
     assert not list(onnx_path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
@@ -100,11 +100,12 @@ def test_onnx_matches_torch_on_real_images_and_any_size(tiny_checkpoint, onnx_pa
     model, _ = load_checkpoint(tiny_checkpoint)
     inputs = [torch.randn(1, 3, 96, 160), torch.randn(2, 3, 131, 77)]  # one not a /32 multiple
     with torch.inference_mode():
-        wanted = [model(x).numpy() for x in inputs]
+        wanted = [model.predict_logits(x).numpy() for x in inputs]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for x, want in zip(inputs, wanted, strict=True):
         got = session.run(None, {"image": x.numpy()})[0]
-        assert got.shape == want.shape == (x.shape[0], model.num_leaves, *x.shape[2:])
+        quarter = tuple(-(-side // 4) for side in x.shape[2:])  # 131 x 77 -> 33 x 20
+        assert got.shape == want.shape == (x.shape[0], model.num_leaves, *quarter)
         assert (got.argmax(1) == want.argmax(1)).mean() >= 0.999
 
 

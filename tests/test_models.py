@@ -84,6 +84,27 @@ def test_input_size_need_not_be_a_multiple_of_32(tree):
         assert model(torch.randn(1, 3, 100, 75)).shape == (1, 7, 100, 75)
 
 
+def test_predicted_logits_are_the_forward_before_the_heads_upsampling(tree):
+    """What the pipeline restores (and ``hiseg export`` writes): FPN's head upsamples x4 with
+    align_corners on the padded grid; that step is left out, the crop rounds up."""
+    fpn = create_model("fpn", LITE0, tree, pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        small = fpn.predict_logits(x)
+        upsampled = torch.nn.functional.interpolate(
+            small, scale_factor=4, mode="bilinear", align_corners=True
+        )
+        assert fpn.output_scale == 4 and small.shape == (1, 7, 16, 24)
+        torch.testing.assert_close(upsampled, fpn(x), atol=1e-4, rtol=1e-4)
+        odd = fpn.predict_logits(x[..., :61, :90])  # padded with zeros to 64 x 96 as forward
+        assert odd.shape == (1, 7, 16, 23)
+        x[..., 61:, :] = 0
+        x[..., 90:] = 0
+        torch.testing.assert_close(odd, fpn.predict_logits(x)[..., :16, :23])
+        unet = create_model("unet", LITE0, tree, pretrained=False).eval()  # no upsampling head
+        assert unet.output_scale == 1 and torch.equal(unet.predict_logits(x), unet(x))
+
+
 NARROW_FPN = {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 32}
 
 
@@ -94,6 +115,7 @@ def test_spec_rebuilds_an_identical_model(tree, decoder):
     assert spec.decoder == (decoder or {})
     assert spec.arch == "fpn" and spec.encoder == f"tu-{LITE0}"
     assert spec.mean == spec.std == (0.5, 0.5, 0.5) and spec.output_stride == 32
+    assert spec.output_scale == 4  # what predict_logits outputs
     assert (spec.long_side, spec.train_size) == (320, 256)
     rebuilt = model_from_spec(spec).eval()
     rebuilt.load_state_dict(model.state_dict())

@@ -29,7 +29,7 @@ from hiseg.pipeline import (
     restore,
     softmax,
 )
-from hiseg.predictor import Backend, Predictor, Result, resolve_model
+from hiseg.predictor import Backend, Predictor, Result, _checked_run, resolve_model
 from hiseg.spec import METADATA_KEY, SCHEMA_VERSION, ModelError, ModelSpec
 from hiseg.taxonomy import load_tree
 
@@ -42,7 +42,7 @@ SLOPE[[1, 3], 1] = [0.18, -0.18]
 SLOPE[[5, 6], 2] = [0.18, -0.18]
 
 
-def spec(long_side: int = 24, stride: int = 8) -> ModelSpec:
+def spec(long_side: int = 24, stride: int = 8, output_scale: int = 1) -> ModelSpec:
     """Inputs in [0, 1] (mean 0, std 1)."""
     return ModelSpec(
         arch="fake",
@@ -52,6 +52,7 @@ def spec(long_side: int = 24, stride: int = 8) -> ModelSpec:
         std=(1.0, 1.0, 1.0),
         long_side=long_side,
         output_stride=stride,
+        output_scale=output_scale,
     )
 
 
@@ -75,8 +76,10 @@ def ramp(h: int, w: int) -> np.ndarray:
     return np.stack([red, green, blue], -1).round().astype(np.uint8)
 
 
-def predictor(run=affine, long_side: int = 24, stride: int = 8, **options) -> Predictor:
-    return Predictor([Backend("fake", run, spec(long_side, stride))], **options)
+def predictor(
+    run=affine, long_side: int = 24, stride: int = 8, output_scale: int = 1, **options
+) -> Predictor:
+    return Predictor([Backend("fake", run, spec(long_side, stride, output_scale))], **options)
 
 
 def interior(a: np.ndarray, margin: int) -> np.ndarray:
@@ -170,6 +173,148 @@ def test_fast_decoding_equals_decoding_the_full_map(hw, monkeypatch):
     monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 300)  # several chunks of rows
     np.testing.assert_array_equal(lazy().decode(TREE), labels)
     np.testing.assert_array_equal(Probabilities.from_full(full).decode(TREE), TREE.decode(full))
+
+
+# -- a 1/k output (the head's upsampling left to the pipeline) -------------------------------
+
+
+def align_corners_positions(small: int, padded: int) -> np.ndarray:
+    """Where each of ``small`` output pixels sits on the ``padded`` input grid when an
+    ``align_corners=True`` upsampling maps the one onto the other (first and last aligned)."""
+    return np.arange(small) * ((padded - 1) / max(small - 1, 1))
+
+
+def sample_linearly(a: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` read at fractional ``positions`` along ``axis``, linearly between neighbours."""
+    i0 = np.clip(np.floor(positions).astype(int), 0, a.shape[axis] - 1)
+    i1 = np.minimum(i0 + 1, a.shape[axis] - 1)
+    w = (positions - i0).reshape([-1 if d == axis else 1 for d in range(a.ndim)])
+    return np.take(a, i0, axis) * (1 - w) + np.take(a, i1, axis) * w
+
+
+def quarter(run, k: int = 4):
+    """A network that outputs 1/k of ``run``'s map: its probabilities at the input pixels that
+    an align-corners x k upsampling puts its output pixels on (the points the upsampling
+    interpolates between), as the bundled models compute before their head's upsampling."""
+
+    def small(x: np.ndarray) -> np.ndarray:
+        probs = softmax(run(x), axis=1)
+        for axis in (2, 3):
+            padded = x.shape[axis]
+            probs = sample_linearly(probs, align_corners_positions(padded // k, padded), axis)
+        return np.log(probs)
+
+    return small
+
+
+@pytest.mark.parametrize("hw", [(61, 47), (47, 61), (97, 33), (33, 97), (17, 13), (13, 17)])
+def test_a_quarter_output_restores_the_image_coordinates(hw):
+    """Odd sizes (resized sides not multiples of 4), both orientations, shrunk and enlarged:
+    each pixel's probabilities are its own colour's, so image pixels are mapped to the 1/4 map
+    through the resize and the align-corners upsampling the network's head was trained with."""
+    image = ramp(*hw)
+    model = predictor(quarter(affine), long_side=48, output_scale=4)
+    result = model.predict(image)
+    assert result.labels.shape == hw and result.probs.shape == (7, *hw)
+    margin = int(np.ceil(4 * max(hw) / 48)) + 1  # one 1/4-map pixel and a bit
+    error = np.abs(interior(result.probs - true_probs(image), margin))
+    assert error.max() < 3e-3, error.max()
+    want = interior(TREE.decode(true_probs(image)), margin)
+    assert (interior(result.labels, margin) == want).mean() > 0.97
+    lazy = model.predict(image).probabilities  # the labels came from the 1/4 map, never full
+    assert lazy is not None and lazy._full is None
+
+
+def composed_full(small: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The image-size map of a 1/k output, written out: each image pixel's position in the
+    resized image (cv2's half-pixel rule, clamped to it), on the align-corners 1/k grid of the
+    padded input, read bilinearly."""
+    out = small
+    for axis in (1, 2):
+        o, r, p = (
+            g[axis - 1] for g in (geometry.original_hw, geometry.resized_hw, geometry.padded_hw)
+        )
+        resized = np.clip((np.arange(o) + 0.5) * r / o - 0.5, 0, r - 1)
+        on_small = resized * (p / geometry.output_scale - 1) / (p - 1)
+        out = sample_linearly(out, on_small, axis)
+    return out
+
+
+def test_restoring_a_quarter_output_is_the_training_graphs_upsampling_then_the_resize():
+    """On a map linear in its coordinates every bilinear step is exact, so mapping each image
+    pixel through the composed steps equals doing the steps: the graph's align-corners x4 on the
+    padded grid, the crop to the resized area, then cv2's resize to the image."""
+    padded, resized, original = (32, 24), (27, 21), (61, 47)
+    small_hw = (8, 6)
+    q = np.mgrid[0 : small_hw[0], 0 : small_hw[1]].astype(np.float32)
+    small = np.stack([0.3 + 0.02 * q[0] - 0.01 * q[1], 0.7 - 0.02 * q[0] + 0.01 * q[1]])
+    upsampled = small
+    for axis in (1, 2):
+        positions = np.arange(padded[axis - 1]) * (small_hw[axis - 1] - 1) / (padded[axis - 1] - 1)
+        upsampled = sample_linearly(upsampled, positions, axis)
+    cropped = upsampled[:, : resized[0], : resized[1]].transpose(1, 2, 0)
+    want = cv2.resize(cropped, original[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+    geometry = Geometry(original, resized, padded, output_scale=4)
+    restored = restore(small.copy(), geometry).full()
+    np.testing.assert_allclose(restored, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("hw", "resized", "padded"),
+    [
+        ((61, 47), (27, 21), (32, 24)),
+        ((47, 61), (21, 27), (24, 32)),
+        ((150, 113), (48, 36), (48, 40)),
+        ((9, 7), (24, 19), (24, 24)),
+    ],
+)
+def test_decoding_a_quarter_map_equals_decoding_its_full_map(hw, resized, padded, monkeypatch):
+    """Decoded at 1/4 resolution, interpolated only where the sources disagree: the labels of
+    the full map made by the same composed mapping (written out in ``composed_full``)."""
+    geometry = Geometry(hw, resized, padded, output_scale=4)
+    rng = np.random.default_rng(6)
+    small_hw = geometry.output_hw
+    small = rng.dirichlet(np.ones(7) * 0.5, size=small_hw).transpose(2, 0, 1).astype(np.float32)
+    network = np.zeros((7, padded[0] // 4, padded[1] // 4), np.float32)  # padding kept
+    network[:, : small_hw[0], : small_hw[1]] = small
+
+    def lazy() -> Probabilities:
+        return restore(network, geometry)
+
+    want = composed_full(small, geometry)
+    full = lazy().full()
+    assert full.shape == (7, *hw)
+    np.testing.assert_allclose(full, want, atol=1e-6)
+    labels = lazy().decode(TREE)
+    assert (labels == TREE.decode(want)).mean() > 0.9995
+    mask = rng.random(hw) < 0.2
+    np.testing.assert_allclose(lazy()[:, mask], want[:, mask], atol=1e-6)
+    monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 300)
+    np.testing.assert_array_equal(lazy().decode(TREE), labels)
+
+
+def test_a_quarter_output_is_checked_and_cropped_to_what_the_image_reads():
+    x, geometry = prepare(ramp(61, 47), spec(48, 16, output_scale=4))
+    assert geometry == Geometry((61, 47), (48, 37), (48, 48), output_scale=4)
+    assert geometry.output_hw == (12, 10)  # resized column 36 sits at 8.4 on the 1/4 grid
+    assert geometry.cropped() == geometry  # the padded grid is part of the mapping
+    plain = Geometry((61, 47), (48, 37), (48, 48))
+    assert plain.output_hw == (48, 37) and plain.cropped().padded_hw == (48, 37)
+    quarter_spec = spec(48, 16, output_scale=4)
+    with pytest.raises(
+        ModelError, match=r"returned shape \(1, 7, 48, 48\).*needs \(1, 7, 12, 12\)"
+    ):
+        _checked_run("fake", quarter_spec, affine)(x[None])  # a loaded model's full-size output
+    assert _checked_run("fake", quarter_spec, quarter(affine))(x[None]).shape == (1, 7, 12, 12)
+
+
+def test_flip_tta_on_a_quarter_output_is_mirror_equivariant():
+    """The align-corners grid is symmetric: the mirrored-back 1/4 map of the mirrored input
+    lies on the same grid (shrunk to 48 x 32, no padding)."""
+    image = np.random.default_rng(7).integers(0, 256, (72, 48, 3), np.uint8)
+    flip = predictor(quarter(positional), long_side=48, output_scale=4, flip=True)
+    probs = flip.predict(image).probs
+    np.testing.assert_allclose(flip.predict(image[:, ::-1]).probs, probs[..., ::-1], atol=1e-5)
 
 
 # -- test-time augmentation ------------------------------------------------------------------

@@ -42,7 +42,7 @@ from hiseg.models import load_checkpoint
 from hiseg.pipeline import prepare
 from hiseg.predictor import load, load_backend
 from hiseg.runner import publish
-from hiseg.spec import METADATA_KEY, ModelSpec
+from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 
 INPUT, OUTPUT = "image", "logits"
 DYNAMIC_AXES = {name: {0: "batch", 2: "height", 3: "width"} for name in (INPUT, OUTPUT)}
@@ -61,12 +61,21 @@ HEAD_PREFIX = "/net/segmentation_head/"
 FLOAT_OPS = ("InstanceNormalization",)
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17, clean: int = 0) -> Path:
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    opset: int = 17,
+    clean: int = 0,
+    full_resolution: bool = False,
+) -> Path:
     """Write ``checkpoint`` as one ONNX file, ``image`` (B, 3, H, W) -> ``logits``
-    (B, leaves, H, W) for any batch and size, with the checkpoint's metadata (``fp32``).
+    (B, leaves, H / k, W / k) for any batch and size, with the checkpoint's metadata (``fp32``).
 
-    ``clean`` is stored as the model's default clean-up (:mod:`hiseg.postprocess`), for models
-    where it was measured to help; the predictor uses it unless told otherwise.
+    k is the spec's ``output_scale``: the head's final upsampling is stripped
+    (:func:`strip_head_upsampling`) and left to the pipeline, unless ``full_resolution`` keeps
+    it (k = 1, hiseg 0.1's format, for runtimes other than hiseg's). ``clean`` is stored as the
+    model's default clean-up (:mod:`hiseg.postprocess`), for models where it was measured to
+    help; the predictor uses it unless told otherwise.
     """
     model, spec = load_checkpoint(checkpoint)
     side = spec.long_side
@@ -88,8 +97,13 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17, clean:
         )
     proto = onnx.load_from_string(buffer.getvalue())
     fold_same_padding(proto)
+    scale = 1 if full_resolution else _strip_upsampling(proto, str(checkpoint))
     spec = dataclasses.replace(
-        spec, precision="fp32", default_clean=clean, hiseg_version=__version__
+        spec,
+        precision="fp32",
+        default_clean=clean,
+        hiseg_version=__version__,
+        output_scale=scale,
     )
     _set_metadata(proto, spec)
     onnx.checker.check_model(proto, full_check=True)
@@ -139,20 +153,125 @@ def fold_same_padding(proto: onnx.ModelProto) -> int:
     return len(folded)
 
 
-def _nonzero_constant(graph: onnx.GraphProto, name: str) -> bool:
-    """Whether ``name`` is a Constant node or initializer holding anything but zeros."""
-    if not name:
-        return False
+def strip_head_upsampling(onnx_in: str | Path, out: str | Path) -> ModelSpec:
+    """Rewrite an exported hiseg model (fp32 or int8, weights untouched) so its output is the
+    head convolution's 1/k logits, and store ``output_scale`` k in its spec; returns the spec.
+
+    The graph's head upsamples by k (``Resize``, bilinear, align-corners) before cropping to the
+    input size (``Slice``); the pipeline restores the 1/k map to the image instead, on k^2 times
+    fewer pixels (:mod:`hiseg.pipeline`). How much this changes predictions is measured in
+    ``benchmarks/quarter_output.md``.
+    """
+    onnx_in = Path(onnx_in)
+    proto = onnx.load(onnx_in)
+    raw = {p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY)
+    if raw is None:
+        raise ModelError(f"{onnx_in}: no '{METADATA_KEY}' metadata; not a hiseg export")
+    spec = ModelSpec.from_json(raw, source=str(onnx_in))
+    if spec.output_scale != 1:
+        raise ModelError(f"{onnx_in}: already outputs 1/{spec.output_scale} of its input")
+    scale = _strip_upsampling(proto, str(onnx_in))
+    spec = dataclasses.replace(spec, output_scale=scale)
+    _set_metadata(proto, spec)
+    onnx.checker.check_model(proto)
+    _save_atomic(proto, Path(out))
+    return spec
+
+
+def _strip_upsampling(proto: onnx.ModelProto, source: str) -> int:
+    """The graph surgery of :func:`strip_head_upsampling`; returns k.
+
+    From the output back: ``Slice`` nodes (the crop to the input size, starting at 0, step 1),
+    then the head's ``Resize`` (linear, align_corners, scales (1, 1, k, k)). The Resize goes;
+    the Slices now read the convolution's output and crop it to ceil(size / k).
+    """
+    graph = proto.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    slices = []
+    node = producer.get(graph.output[0].name)
+    while node is not None and node.op_type == "Slice":
+        slices.append(node)
+        node = producer.get(node.input[0])
+    resize = node
+    attrs = {} if resize is None else _attributes(resize)
+    scales = _constant(graph, resize.input[2]) if resize and len(resize.input) > 2 else None
+    if (
+        resize is None
+        or resize.op_type != "Resize"
+        or not resize.name.startswith(HEAD_PREFIX)
+        or attrs.get("mode") != b"linear"
+        or attrs.get("coordinate_transformation_mode") != b"align_corners"
+        or scales is None
+        or len(scales) != 4
+        or list(scales[:2]) != [1, 1]
+        or scales[2] != scales[3]
+        or not float(scales[2]).is_integer()
+    ):
+        raise ModelError(
+            f"{source}: the output is not the head's align-corners upsampling (then a crop), "
+            "so there is nothing known to strip"
+        )
+    scale = int(scales[2])
+    for crop in slices:
+        starts = _constant(graph, crop.input[1])
+        steps = _constant(graph, crop.input[4]) if len(crop.input) > 4 else None
+        if starts is None or starts.any() or (steps is not None and (steps != 1).any()):
+            raise ModelError(f"{source}: the crop '{crop.name}' does not start at 0 with step 1")
+    k, k_less_1 = f"{resize.name}/scale", f"{resize.name}/scale_minus_1"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([scale], np.int64), k),
+            numpy_helper.from_array(np.array([scale - 1], np.int64), k_less_1),
+        ]
+    )
+    for crop in slices:  # ends -> ceil(ends / k) = (ends + k - 1) // k, just before the crop
+        at = list(graph.node).index(crop)
+        rounded = onnx.helper.make_node("Add", [crop.input[2], k_less_1], [f"{crop.name}/up"])
+        divided = onnx.helper.make_node("Div", [rounded.output[0], k], [f"{crop.name}/over_k"])
+        crop.input[2] = divided.output[0]
+        graph.node.insert(at, divided)
+        graph.node.insert(at, rounded)
+    at = list(graph.node).index(resize)
+    graph.node.remove(resize)
+    graph.node.insert(at, onnx.helper.make_node("Identity", [resize.input[0]], [resize.output[0]]))
+    _drop_dead_nodes(graph)
+    _drop_unused_initializers(proto)
+    stale = {resize.output[0], *(crop.output[0] for crop in slices)}  # shapes now wrong
+    for info in [v for v in graph.value_info if v.name in stale]:
+        graph.value_info.remove(info)
+    dims = graph.output[0].type.tensor_type.shape.dim
+    for dim, name in zip(dims[2:4], ("height", "width"), strict=True):
+        if dim.HasField("dim_value"):
+            dim.dim_value = -(-dim.dim_value // scale)
+        else:
+            dim.dim_param = f"{name}_over_{scale}"
+    return scale
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of an initializer or Constant node ``name``; None when computed at run time."""
     for init in graph.initializer:
         if init.name == name:
-            return bool(numpy_helper.to_array(init).any())
+            return numpy_helper.to_array(init)
     for node in graph.node:
         if node.op_type == "Constant" and name in node.output:
             value = onnx.helper.get_attribute_value(node.attribute[0])
             if isinstance(value, onnx.TensorProto):
                 value = numpy_helper.to_array(value)
-            return bool(np.asarray(value).any())
-    return True  # computed at run time: cannot tell, so not zero
+            return np.asarray(value)
+    return None
+
+
+def _nonzero_constant(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether ``name`` is a Constant node or initializer holding anything but zeros."""
+    if not name:
+        return False
+    value = _constant(graph, name)
+    return True if value is None else bool(value.any())  # computed at run time: not zero
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
@@ -185,7 +304,7 @@ def validate_export(
     max_diff = 0.0
     for (x, geometry), want in zip(inputs, wanted, strict=True):
         x = x[None]
-        h, w = geometry.resized_hw
+        h, w = geometry.output_hw
         want, got = want[..., :h, :w], exported.run(x)[..., :h, :w]
         max_diff = max(max_diff, float(np.abs(want - got).max()))
         agree += int((want.argmax(1) == got.argmax(1)).sum())

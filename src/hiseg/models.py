@@ -12,6 +12,7 @@ and fail fast, with a clear message, when offline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import pickle
 import re
@@ -86,6 +87,42 @@ class SegmentationModel(nn.Module):
         x = F.pad(x, (0, (-w) % OUTPUT_STRIDE, 0, (-h) % OUTPUT_STRIDE))
         return self.net(x)[..., :h, :w]
 
+    @property
+    def output_scale(self) -> int:
+        """Input pixels per :meth:`predict_logits` pixel: the factor of the head's bilinear
+        ``align_corners`` upsampling (4 for FPN), which prediction leaves to
+        :mod:`hiseg.pipeline`; 1 when the head upsamples otherwise or not at all."""
+        upsampling = self._head()[1]
+        if (
+            isinstance(upsampling, nn.Upsample)
+            and upsampling.mode == "bilinear"
+            and upsampling.align_corners
+            and isinstance(upsampling.scale_factor, int | float)
+            and float(upsampling.scale_factor).is_integer()
+        ):
+            return int(upsampling.scale_factor)
+        return 1
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_leaves, H / k, W / k) leaf logits (rounded up), k =
+        :attr:`output_scale`: :meth:`forward` without the head's upsampling, what an exported
+        ONNX file computes and the pipeline restores. Training's loss uses :meth:`forward`."""
+        k = self.output_scale
+        if k == 1:
+            return self(x)
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, (-w) % OUTPUT_STRIDE, 0, (-h) % OUTPUT_STRIDE))
+        conv, _, activation = self._head()
+        encoder, decoder = self.net.get_submodule("encoder"), self.net.get_submodule("decoder")
+        logits = activation(conv(decoder(encoder(x))))
+        return logits[..., : -(-h // k), : -(-w // k)]
+
+    def _head(self) -> nn.Sequential:
+        """smp's segmentation head: convolution, upsampling (or identity), activation."""
+        head = self.net.get_submodule("segmentation_head")
+        assert isinstance(head, nn.Sequential) and len(head) == 3, head
+        return head
+
     def spec(
         self, long_side: int, train_size: int | None = None, precision: str = "fp32"
     ) -> ModelSpec:
@@ -101,6 +138,7 @@ class SegmentationModel(nn.Module):
             mean=norm["mean"],
             std=norm["std"],
             output_stride=OUTPUT_STRIDE,
+            output_scale=self.output_scale,
             long_side=long_side,
             train_size=train_size,
             precision=precision,
@@ -169,7 +207,9 @@ def model_from_spec(spec: ModelSpec) -> SegmentationModel:
 
 
 def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
-    """A trained model (eval mode) and its spec from a ``hiseg train`` checkpoint.
+    """A trained model (eval mode) and its spec from a ``hiseg train`` checkpoint. The spec's
+    ``output_scale`` is the model's (older checkpoints lack it): it describes
+    :meth:`SegmentationModel.predict_logits`.
 
     The spec (key ``"hiseg"``: a :class:`ModelSpec` JSON string, or hiseg 0.1's dict) holds the
     architecture, tree, preprocessing and sizes, so no training config is needed. The file is
@@ -213,7 +253,7 @@ def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
         raise ModelError(
             f"{path}: the weights do not fit the model of its spec ({first})"
         ) from None
-    return model.eval(), spec
+    return model.eval(), dataclasses.replace(spec, output_scale=model.output_scale)
 
 
 def preprocessing(encoder: str) -> dict[str, tuple[float, float, float]]:

@@ -6,7 +6,8 @@ Every consumer (``hiseg predict``, ``hiseg eval``, training-time validation, exp
 - :func:`prepare`: the image is resized so its long side is the model size (aspect ratio kept),
   padded bottom/right to the network stride, and normalised -> ``(3, H, W)`` and its
   :class:`Geometry`;
-- the network runs on a batch of such inputs (``(B, 3, H, W)`` -> ``(B, leaves, H, W)`` logits);
+- the network runs on a batch of such inputs (``(B, 3, H, W)`` -> ``(B, leaves, H/k, W/k)``
+  logits, ``k`` the spec's ``output_scale``);
 - :func:`batch_softmax`, then :func:`restore`: the resized area cropped out of the padding,
   probabilities upsampled bilinearly to the image's size (labels are never resized
   nearest-neighbour);
@@ -17,10 +18,19 @@ argmax of linear functions of the leaf probabilities, and a bilinear pixel's pro
 convex combination of its 2x2 source pixels', so where those four decode to the same leaf the
 pixel does too. It decodes at network resolution and interpolates probabilities only on the pixels
 whose sources disagree (the borders between regions); full-size maps are made only on request.
+
+A network with ``output_scale`` k (4 for smp's FPN) stops before its head's upsampling, an
+``align_corners=True`` bilinear x k on the padded input grid, so softmax and decoding see k^2
+times fewer pixels. Restoring maps each image pixel through both steps the full-size output took,
+cv2's half-pixel resize from the image to the resized size and the align-corners grid from the
+padded size to the 1/k map, and interpolates the 1/k map bilinearly there (:func:`_taps`). That
+interpolates probabilities where the graph interpolated logits, and once where it did twice: a
+small change of predictions, measured in ``benchmarks/quarter_output.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +58,24 @@ class Geometry:
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
     padded_hw: tuple[int, int]
+    #: Input pixels per output pixel along each side (the spec's ``output_scale``).
+    output_scale: int = 1
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """Rows and columns of the network output that restoring reads (the rest is padding)."""
+        if self.output_scale == 1:
+            return self.resized_hw
+        (rh, rw), (ph, pw) = self.resized_hw, self.padded_hw
+        return _source_size(rh, ph, self.output_scale), _source_size(rw, pw, self.output_scale)
+
+    def cropped(self) -> Geometry:
+        """This geometry once the output is cropped to :attr:`output_hw`. The padding no longer
+        matters at scale 1, so looks from networks of other strides share it; a 1/k output's
+        mapping depends on the padded size (the grid its upsampling was aligned to)."""
+        if self.output_scale == 1:
+            return Geometry(self.original_hw, self.resized_hw, self.resized_hw)
+        return self
 
 
 def letterbox(image: np.ndarray, long_side: int, stride: int = 32) -> tuple[np.ndarray, Geometry]:
@@ -82,6 +110,8 @@ def prepare(
     """(H, W, 3) uint8 RGB -> the network input (3, H', W') float32 and how it was fitted;
     ``long_side`` defaults to the model's inference size."""
     fitted, geometry = letterbox(image, long_side or spec.long_side, spec.output_stride)
+    if spec.output_scale != 1:
+        geometry = dataclasses.replace(geometry, output_scale=spec.output_scale)
     return normalize(fitted, spec.mean, spec.std), geometry
 
 
@@ -119,7 +149,7 @@ def in_chunks(fn: Callable[[int, int], _T], rows: int, width: int) -> list[_T]:
 
 
 def restore(probs: np.ndarray, geometry: Geometry) -> Probabilities:
-    """The network's (leaves, >= resized H, >= resized W) softmax output -> the image's
+    """The network's (leaves, >= output H, >= output W) softmax output -> the image's
     probabilities: padding dropped, upsampled bilinearly to the image's size on demand
     (:meth:`Probabilities.full`); :meth:`Probabilities.decode` gives the labels."""
     return Probabilities.from_network(probs, geometry)
@@ -138,10 +168,12 @@ class Probabilities:
 
     @classmethod
     def from_network(cls, probs: np.ndarray, geometry: Geometry) -> Probabilities:
-        """``probs``: (leaves, >= resized H, >= resized W) softmax output; padding is dropped."""
-        rh, rw = geometry.resized_hw
-        small = np.ascontiguousarray(probs[:, :rh, :rw])
-        full = small if geometry.resized_hw == geometry.original_hw else None
+        """``probs``: (leaves, >= output H, >= output W) softmax output (see
+        :attr:`Geometry.output_hw`); padding is dropped."""
+        h, w = geometry.output_hw
+        small = np.ascontiguousarray(probs[:, :h, :w])
+        same = geometry.resized_hw == geometry.original_hw and geometry.output_scale == 1
+        full = small if same else None
         return cls(small, geometry, full)
 
     @classmethod
@@ -165,14 +197,21 @@ class Probabilities:
         return Probabilities(small, self._geometry, small if self._full is self._small else None)
 
     def full(self) -> np.ndarray:
-        """(leaves, H, W) float32 at the image's size (bilinear, as ``cv2.resize``)."""
+        """(leaves, H, W) float32 at the image's size (bilinear, as ``cv2.resize`` at scale 1)."""
         if self._full is None:
             assert self._small is not None and self._geometry is not None
             oh, ow = self._geometry.original_hw
-            hwc = cv2.resize(
-                self._small.transpose(1, 2, 0), (ow, oh), interpolation=cv2.INTER_LINEAR
-            )
-            self._full = hwc.reshape(oh, ow, -1).transpose(2, 0, 1)
+            if self._geometry.output_scale == 1:
+                hwc = cv2.resize(
+                    self._small.transpose(1, 2, 0), (ow, oh), interpolation=cv2.INTER_LINEAR
+                )
+                self._full = hwc.reshape(oh, ow, -1).transpose(2, 0, 1)
+            else:  # cv2 cannot map through the align-corners grid: separable, as _interpolate
+                (y0, y1, wy), (x0, x1, wx) = self._taps()
+                small = self._small
+                cols = small[:, :, x0] * (1 - wx) + small[:, :, x1] * wx
+                wy = wy[:, None]
+                self._full = cols[:, y0] * (1 - wy) + cols[:, y1] * wy
         return self._full
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -207,9 +246,8 @@ class Probabilities:
         small = self._small
         _, h, w = small.shape
         small_labels = np.concatenate(in_chunks(lambda a, b: tree.decode(small[:, a:b]), h, w))
-        (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
-        y0, _, _ = _taps(oh, rh)
-        x0, _, _ = _taps(ow, rw)
+        ow = self._geometry.original_hw[1]
+        (y0, _, _), (x0, _, _) = self._taps()
         # A pixel's sources are (i, j), (i, j + 1), (i + 1, j), (i + 1, j + 1), clamped to the
         # map (see _taps), so whether they disagree is known per (i, j), at network resolution.
         below = np.concatenate([small_labels[1:], small_labels[-1:]])
@@ -225,14 +263,15 @@ class Probabilities:
         return labels
 
     def _interpolate(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Bilinear probabilities (as ``cv2.resize`` makes them) at output pixels (ys, xs)."""
-        assert self._small is not None and self._geometry is not None
-        (oh, ow), (rh, rw) = self._geometry.original_hw, self._geometry.resized_hw
-        y0, y1, wy = (t[ys] for t in _taps(oh, rh))
-        x0, x1, wx = (t[xs] for t in _taps(ow, rw))
+        """Bilinear probabilities (as :meth:`full` makes them) at output pixels (ys, xs)."""
+        assert self._small is not None
+        rows, cols = self._taps()
+        y0, y1, wy = (t[ys] for t in rows)
+        x0, x1, wx = (t[xs] for t in cols)
         flat = self._small.reshape(len(self._small), -1)
-        y0 *= rw
-        y1 *= rw
+        width = self._small.shape[2]
+        y0 *= width
+        y1 *= width
 
         def at(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
             return flat.take(rows + cols, axis=1)
@@ -241,17 +280,44 @@ class Probabilities:
         bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
         return top * (1 - wy) + bottom * wy
 
+    def _taps(self) -> tuple[_Taps, _Taps]:
+        """The bilinear sources of the image's rows and columns in the kept map."""
+        assert self._geometry is not None
+        g = self._geometry
+        return tuple(  # type: ignore[return-value]
+            _taps(o, r, p, g.output_scale)
+            for o, r, p in zip(g.original_hw, g.resized_hw, g.padded_hw, strict=True)
+        )
+
 
 def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.nonzero`` of a 2-D mask, ten times faster through the flat indices."""
     return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
 
-@functools.lru_cache(maxsize=32)
-def _taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear sources along one axis as ``cv2.resize`` (INTER_LINEAR) takes them: for each
-    output index, the two input indices and the weight of the second. Cached, so read-only."""
+_Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _source_size(resized: int, padded: int, scale: int) -> int:
+    """Rows (or columns) of a 1/``scale`` output that the resized area's pixels read."""
+    last = (resized - 1) * (padded / scale - 1) / max(padded - 1, 1)
+    return min(padded // scale, int(last) + 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _taps(out_size: int, in_size: int, padded: int, scale: int) -> _Taps:
+    """Bilinear sources along one axis: for each output index, the two indices of the kept
+    network output and the weight of the second. Cached, so read-only.
+
+    At ``scale`` 1 the output has ``in_size`` (the resized size) and these are the taps of
+    ``cv2.resize`` (INTER_LINEAR). At ``scale`` k the half-pixel position in the resized image
+    (clamped to it, as cv2 does) is carried through the graph's align-corners upsampling from
+    the 1/k grid to the ``padded`` one: position y there is y (padded / k - 1) / (padded - 1)
+    in the 1/k map."""
     f = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    if scale != 1:
+        f = np.clip(f, 0, in_size - 1) * ((padded / scale - 1) / max(padded - 1, 1))
+        in_size = _source_size(in_size, padded, scale)
     i0 = np.floor(f).astype(np.intp)
     w = (f - i0).astype(np.float32)
     w[i0 < 0], i0[i0 < 0] = 0, 0

@@ -51,7 +51,7 @@ MIN_ZOOM = 1.5
 BATCH_SIZE = 8
 
 
-# -- backends: (B, 3, H, W) float32 -> (B, leaves, H, W) logits --------------------------------
+# -- backends: (B, 3, H, W) float32 -> (B, leaves, H / k, W / k) logits ------------------------
 
 
 @dataclass
@@ -90,11 +90,12 @@ def _checked_run(
     name: str, spec: ModelSpec, run: Callable[[np.ndarray], np.ndarray]
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``run``, refusing an output that does not fit the spec (one channel per leaf, the input's
-    batch and size) with a ModelError instead of a reshape crash later on."""
+    batch, its size over ``output_scale``) with a ModelError instead of a reshape crash later."""
+    k = spec.output_scale
 
     def checked(x: np.ndarray) -> np.ndarray:
         out = run(x)
-        want = (x.shape[0], spec.num_leaves, *x.shape[2:])
+        want = (x.shape[0], spec.num_leaves, *(-(-side // k) for side in x.shape[2:]))
         if out.shape != want:
             raise ModelError(
                 f"{name}: the network returned shape {tuple(out.shape)} for input "
@@ -154,7 +155,7 @@ def torch_backend(path: Path, threads: int | None = None) -> Backend:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).float().numpy()
+            return model.predict_logits(torch.from_numpy(x)).float().numpy()
 
     return Backend(str(path), _checked_run(str(path), spec, run), spec)
 
@@ -341,18 +342,18 @@ class Predictor:
                             x = inputs[chunk[0]][0][None]
                         else:
                             x = np.stack([inputs[i][0] for i in chunk])
-                        sizes = [inputs[i][1].resized_hw for i in chunk]
+                        sizes = [inputs[i][1].output_hw for i in chunk]
                         hw = (max(h for h, _ in sizes), max(w for _, w in sizes))
                         probs = self._run(backend, x, hw)
                         for i, p in zip(chunk, probs, strict=True):
-                            geometry = inputs[i][1]
-                            rh, rw = geometry.resized_hw
-                            key = (s, Geometry(geometry.original_hw, (rh, rw), (rh, rw)))
+                            geometry = inputs[i][1].cropped()
+                            h, w = geometry.output_hw
+                            key = (s, geometry)
                             if key in sums[i]:
-                                sums[i][key] += p[:, :rh, :rw]
+                                sums[i][key] += p[:, :h, :w]
                                 counts[i][key] += 1
                             else:  # a copy out of a batch, which a result must not keep
-                                own = p[:, :rh, :rw]
+                                own = p[:, :h, :w]
                                 sums[i][key] = own.copy() if len(chunk) > 1 else own
                                 counts[i][key] = 1
         looks = []
@@ -364,8 +365,9 @@ class Predictor:
         return looks
 
     def _run(self, backend: Backend, x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-        """(B, 3, H, W) -> (B, leaves, h, w) probabilities of the top-left ``hw`` (the resized
-        images, without the padding the softmax need not see), flip TTA averaged in."""
+        """(B, 3, H, W) -> (B, leaves, h, w) probabilities of the top-left ``hw`` of the output
+        (the resized images, without the padding the softmax need not see), flip TTA averaged
+        in."""
         n = len(x)
         if self.flip:
             x = np.concatenate([x, x[..., ::-1]])

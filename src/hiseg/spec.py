@@ -5,7 +5,7 @@ in an exported ONNX file's metadata and in a ``hiseg train`` checkpoint, so a mo
 enough to predict. Reading it back (:meth:`ModelSpec.from_json`) checks every field and its type,
 refuses a spec written by a newer hiseg, and still reads the untyped dict of hiseg 0.1 (schema 0:
 ``{"version", "model": {"arch", ..., "tree", "mean", "std", "output_stride"}, "long_side", ...}``),
-the format of the bundled models and of older checkpoints.
+the format of older bundled models and checkpoints. Schema 1 lacks ``output_scale`` (always 1).
 
 Plain Python and NumPy only: the ONNX runtime path imports it without torch.
 """
@@ -22,8 +22,9 @@ from hiseg.taxonomy import Tree, TreeError
 
 #: Key of the spec in ONNX metadata and in checkpoints (the same key hiseg 0.1 used).
 METADATA_KEY = "hiseg"
-#: The spec format this code writes; it reads this one and every older one.
-SCHEMA_VERSION = 1
+#: The spec format this code writes; it reads this one and every older one. Schema 2 added
+#: ``output_scale``: a hiseg that reads only schema 1 would take a 1/4-size output for the image.
+SCHEMA_VERSION = 2
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -37,8 +38,11 @@ class ModelSpec:
 
     ``long_side`` is the inference size (an image's long side is resized to it), ``train_size``
     the crop size it was trained on, ``output_stride`` the multiple the network input's sides are
-    padded to, ``default_clean`` the clean-up (:mod:`hiseg.postprocess`) a predictor applies
-    unless told otherwise, ``hiseg_version`` the hiseg that wrote it.
+    padded to, ``output_scale`` how many input pixels one output pixel spans along each side (4:
+    the network stops before its head's bilinear x4 upsampling, which the pipeline does on the
+    probabilities instead, see :mod:`hiseg.pipeline`), ``default_clean`` the clean-up
+    (:mod:`hiseg.postprocess`) a predictor applies unless told otherwise, ``hiseg_version`` the
+    hiseg that wrote it.
     """
 
     arch: str
@@ -50,6 +54,7 @@ class ModelSpec:
     train_size: int | None = None
     decoder: Mapping[str, Any] = field(default_factory=dict)
     output_stride: int = 32
+    output_scale: int = 1
     precision: str = "fp32"
     default_clean: int = 0
     hiseg_version: str = ""
@@ -107,7 +112,7 @@ class ModelSpec:
                 f"{source}: model spec schema {schema} was written by a newer hiseg (this one "
                 f"reads schemas up to {SCHEMA_VERSION}); upgrade hiseg"
             )
-        data = _from_schema0(data, source) if schema == 0 else dict(data)
+        data = _from_schema0(data, source) if schema == 0 else {**data, "schema": SCHEMA_VERSION}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -116,6 +121,11 @@ class ModelSpec:
         if missing:
             raise ModelError(f"{source}: model spec lacks field(s) {', '.join(missing)}")
         values = {name: _check(name, value, source) for name, value in data.items()}
+        stride, scale = values.get("output_stride", 32), values.get("output_scale", 1)
+        if stride % scale:
+            raise ModelError(
+                f"{source}: model spec 'output_scale' {scale} must divide 'output_stride' {stride}"
+            )
         try:
             values["tree"] = Tree.from_dict(values["tree"], source=f"{source}: tree")
         except TreeError as err:
@@ -169,7 +179,7 @@ def _check(name: str, value: Any, source: str) -> Any:
         ):
             raise bad("three numbers" + (" above 0" if name == "std" else ""))
         return tuple(float(v) for v in value)
-    if name in ("long_side", "output_stride", "schema"):
+    if name in ("long_side", "output_stride", "output_scale", "schema"):
         if not _is_int(value) or value < 1:
             raise bad("a whole number above 0")
         return value

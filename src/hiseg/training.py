@@ -167,10 +167,12 @@ class SegmentationTask(L.LightningModule):
         self.confusion = ConfusionMatrix(self.tree)
         self.samples: list[np.ndarray] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, full_resolution: bool = True) -> torch.Tensor:
+        """Logits at the input's size (the loss's), or ``full_resolution=False`` as the model
+        predicts them (:meth:`SegmentationModel.predict_logits`)."""
         if self.config.trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self.model(x) if full_resolution else self.model.predict_logits(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """Each group of targets (:func:`collate_targets`) through the one loss, weighted by
@@ -216,7 +218,8 @@ class SegmentationTask(L.LightningModule):
         image, labels = batch
 
         def run(x: np.ndarray) -> np.ndarray:
-            return self(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+            logits = self(torch.from_numpy(x).to(self.device), full_resolution=False)
+            return logits.float().cpu().numpy()
 
         predictor = Predictor([Backend("validation", run, self.spec())])
         pred = predictor.predict(image).labels
