@@ -12,6 +12,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -289,6 +290,9 @@ def test_decoding_a_quarter_map_equals_decoding_its_full_map(hw, resized, padded
     assert (labels == TREE.decode(want)).mean() > 0.9995
     mask = rng.random(hw) < 0.2
     np.testing.assert_allclose(lazy()[:, mask], want[:, mask], atol=1e-6)
+    ys, xs = np.nonzero(mask)
+    one = lazy()  # many mixed pixels are read off the map widened first: the same values
+    np.testing.assert_array_equal(one._interpolate(ys, xs, one._widened()), one[:, mask])
     monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 300)
     np.testing.assert_array_equal(lazy().decode(TREE), labels)
 
@@ -453,23 +457,44 @@ def test_spec_round_trips_through_json():
     assert again != dataclasses.replace(original, long_side=321)
 
 
+LEGACY_SPECS = Path(__file__).parent / "data"
+
+
 @pytest.mark.parametrize(
     ("name", "long_side", "leaves", "clean"),
     [("pascal-person-part", 512, 7, 0), ("person", 320, 2, 1000)],
 )
-def test_bundled_models_legacy_metadata_is_read(name, long_side, leaves, clean):
-    """The bundled files carry hiseg 0.1's untyped dict (schema 0): read as a spec."""
+def test_legacy_metadata_is_read_and_the_bundled_models_kept_it(name, long_side, leaves, clean):
+    """The bundled files carried hiseg 0.1's untyped dict (schema 0, kept in tests/data): it is
+    read as a spec; the files now carry that spec with ``output_scale`` 4 (their head's x4
+    upsampling stripped, ``benchmarks/quarter_output.md``)."""
     import onnxruntime as ort
 
-    path = resolve_model(name)
-    raw = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map[METADATA_KEY]
+    raw = (LEGACY_SPECS / f"legacy_spec_{name}.json").read_text()
     assert "schema" not in json.loads(raw)  # really the old format
-    loaded = ModelSpec.from_json(raw, source=str(path))
-    assert (loaded.arch, loaded.encoder) == ("fpn", "tu-tf_efficientnet_lite0")
-    assert (loaded.long_side, loaded.train_size, loaded.num_leaves) == (long_side, 320, leaves)
-    assert (loaded.precision, loaded.default_clean, loaded.output_stride) == ("int8", clean, 32)
-    assert loaded.mean == loaded.std == (0.5, 0.5, 0.5) and loaded.tree.name == name
-    assert ModelSpec.from_json(loaded.to_json()) == loaded  # and written in the new one
+    legacy = ModelSpec.from_json(raw, source=name)
+    assert (legacy.arch, legacy.encoder) == ("fpn", "tu-tf_efficientnet_lite0")
+    assert (legacy.long_side, legacy.train_size, legacy.num_leaves) == (long_side, 320, leaves)
+    assert (legacy.precision, legacy.default_clean, legacy.output_stride) == ("int8", clean, 32)
+    assert legacy.mean == legacy.std == (0.5, 0.5, 0.5) and legacy.tree.name == name
+    assert legacy.output_scale == 1 and legacy.schema == SCHEMA_VERSION
+    assert ModelSpec.from_json(legacy.to_json()) == legacy  # and written in the new one
+
+    path = resolve_model(name)
+    bundled = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map[METADATA_KEY]
+    assert json.loads(bundled)["schema"] == SCHEMA_VERSION == 2
+    assert ModelSpec.from_json(bundled) == dataclasses.replace(legacy, output_scale=4)
+
+
+def test_a_schema_1_spec_reads_as_a_full_resolution_output():
+    """Written before ``output_scale`` existed (schema 1): the network output is full size."""
+    data = spec().to_dict()
+    del data["output_scale"]
+    data["schema"] = 1
+    read = ModelSpec.from_dict(data)
+    assert read == spec() and read.output_scale == 1 and read.schema == SCHEMA_VERSION
+    quarter_spec = spec(output_scale=4)
+    assert ModelSpec.from_json(quarter_spec.to_json()) == quarter_spec != spec()
 
 
 def broken(change) -> str:
@@ -495,6 +520,8 @@ def broken(change) -> str:
         (broken(lambda d: d.update(colour=1)), "unknown field(s) colour"),
         (broken(lambda d: d.update(schema=SCHEMA_VERSION + 1)), "written by a newer hiseg"),
         (broken(lambda d: d.update(schema="1")), "'schema' must be a whole number"),
+        (broken(lambda d: d.update(output_scale=0)), "'output_scale' must be a whole number"),
+        (broken(lambda d: d.update(output_scale=3)), "'output_scale' 3 must divide"),
         ('{"version": "0.1.0", "long_side": 512}', "lacks the 'model' object"),
     ],
 )

@@ -207,11 +207,9 @@ class Probabilities:
                 )
                 self._full = hwc.reshape(oh, ow, -1).transpose(2, 0, 1)
             else:  # cv2 cannot map through the align-corners grid: separable, as _interpolate
-                (y0, y1, wy), (x0, x1, wx) = self._taps()
-                small = self._small
-                cols = small[:, :, x0] * (1 - wx) + small[:, :, x1] * wx
-                wy = wy[:, None]
-                self._full = cols[:, y0] * (1 - wy) + cols[:, y1] * wy
+                (y0, y1, wy), _ = self._taps()
+                widened, wy = self._widened(), wy[:, None]
+                self._full = widened[:, y0] * (1 - wy) + widened[:, y1] * wy
         return self._full
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -255,30 +253,45 @@ class Probabilities:
         mixed_at[:, :-1] |= small_labels[:, :-1] != small_labels[:, 1:]
         mixed_at[:, :-1] |= small_labels[:, :-1] != below[:, 1:]
         labels = small_labels[y0][:, x0]
-        # Only the mixed pixels need their probabilities, taken in cache-sized runs.
+        # Only the mixed pixels need their probabilities, taken in cache-sized runs. When they
+        # are many (a 1/4 map's borders are 4 pixels wide), the map widened to the image's
+        # width first halves the gathers per pixel.
         mixed = np.flatnonzero(mixed_at[y0][:, x0])
+        widened = self._widened() if 2 * len(mixed) > h * ow else None
         for start in range(0, len(mixed), CHUNK_PIXELS):
             ys, xs = np.divmod(mixed[start : start + CHUNK_PIXELS], ow)
-            labels[ys, xs] = tree.decode(self._interpolate(ys, xs)[:, :, None])[:, 0]
+            labels[ys, xs] = tree.decode(self._interpolate(ys, xs, widened)[:, :, None])[:, 0]
         return labels
 
-    def _interpolate(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Bilinear probabilities (as :meth:`full` makes them) at output pixels (ys, xs)."""
+    def _interpolate(
+        self, ys: np.ndarray, xs: np.ndarray, widened: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Bilinear probabilities (as :meth:`full` makes them) at output pixels (ys, xs);
+        ``widened``: :meth:`_widened`, if made (the same values, fewer gathers)."""
         assert self._small is not None
         rows, cols = self._taps()
         y0, y1, wy = (t[ys] for t in rows)
-        x0, x1, wx = (t[xs] for t in cols)
-        flat = self._small.reshape(len(self._small), -1)
-        width = self._small.shape[2]
-        y0 *= width
-        y1 *= width
+        if widened is None:
+            x0, x1, wx = (t[xs] for t in cols)
+            flat, width = self._small.reshape(len(self._small), -1), self._small.shape[2]
+            y0 *= width
+            y1 *= width
 
-        def at(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-            return flat.take(rows + cols, axis=1)
+            def at(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+                return flat.take(rows + cols, axis=1)
 
-        top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
-        bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+            top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+            bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+        else:
+            flat, width = widened.reshape(len(widened), -1), widened.shape[2]
+            top, bottom = flat.take(y0 * width + xs, axis=1), flat.take(y1 * width + xs, axis=1)
         return top * (1 - wy) + bottom * wy
+
+    def _widened(self) -> np.ndarray:
+        """The kept map interpolated along its rows to the image's width: (leaves, rows, W)."""
+        assert self._small is not None
+        _, (x0, x1, wx) = self._taps()
+        return self._small[:, :, x0] * (1 - wx) + self._small[:, :, x1] * wx
 
     def _taps(self) -> tuple[_Taps, _Taps]:
         """The bilinear sources of the image's rows and columns in the kept map."""
