@@ -1,6 +1,7 @@
 """Temporal smoothing on labelled synthetic video: accuracy and frame-to-frame consistency.
 
     python benchmarks/video_consistency.py [--clips 24] [--frames 20] [--threads 2]
+    python benchmarks/video_consistency.py --speed-only [--float-overlay]
 
 No labelled video exists here, so clips are made from val photos of pascal-person-part (read in
 place) with a known, seeded camera motion: a random walk of shift, rotation and zoom, plus sensor
@@ -16,8 +17,10 @@ and the correspondence between consecutive frames are exact.
 The network runs once per frame; every variant smooths the same network probabilities
 (:class:`hiseg.video.TemporalSmoother`, at network resolution) and decodes as ``hiseg predict``
 does. Then the speed of ``hiseg predict`` on a 640x480 clip: the network alone, every step one
-frame after the other, and pipelined (:func:`hiseg.video.segment_video`), in the same run.
-Writes OUT.md and OUT.json (default benchmarks/video_consistency).
+frame after the other, and pipelined (:func:`hiseg.video.segment_video`), in the same run;
+``--float-overlay`` also times both with the overlay drawn as it was before it blended in uint8
+(in turns with the others). Writes OUT.md and OUT.json (default benchmarks/video_consistency, or
+benchmarks/video_speed with ``--speed-only``, which leaves out the accuracy and consistency).
 """
 
 from __future__ import annotations
@@ -27,23 +30,26 @@ import io
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
 from PIL import Image
 
 import hiseg
+import hiseg.visualize
 from hiseg.data import open_dataset
 from hiseg.metrics import ConfusionMatrix
 from hiseg.pipeline import Probabilities, prepare
 from hiseg.postprocess import clean_labels
 from hiseg.runner import Source
 from hiseg.taxonomy import IGNORE_VALUE
-from hiseg.video import TemporalSmoother, segment_video
+from hiseg.video import OverlayWriter, TemporalSmoother, segment_video
 
 HERE = Path(__file__).resolve().parent
 
@@ -200,15 +206,61 @@ def consistency_run(args, predictor, motion: float) -> tuple[dict[str, dict[str,
     return {name: s.row() for name, s in scores.items()}, n_frames
 
 
-def speed_run(args, predictor, smoother: TemporalSmoother) -> dict[str, float]:
-    """Frames/s on a 640x480 clip: network alone, sequential and pipelined ``segment_video``."""
+def float_overlay(image, labels, tree, level=None, alpha=0.55) -> np.ndarray:
+    """``hiseg.visualize.overlay`` as it was before it blended in uint8 (float32 NumPy over the
+    whole image), for ``--float-overlay``."""
+    colours = tree.palette(level)[labels].astype(np.float32)
+    out = image.astype(np.float32)
+    fg = (labels != tree.background.value)[..., None]
+    out = np.where(fg, (1 - alpha) * out + alpha * colours, out)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def speed_run(args, predictor, smoother: TemporalSmoother) -> dict[str, dict[str, float]]:
+    """Frames/s on a 640x480 clip: network alone, sequential and pipelined ``segment_video``
+    (and both with the float overlay, ``--float-overlay``); each as a median, and as a share of
+    the network alone in the same turn (a median too: under a varying load, the steadier)."""
     dataset = open_dataset(args.data, "val")
     image = cv2.resize(dataset[0][0], (640, 480), interpolation=cv2.INTER_LINEAR)
     rng = np.random.default_rng(args.seed)
     maps = camera_path(rng, args.speed_frames, 480, 640)
     clip_frames = [render(image, m, rng) for m in maps]
     backend = predictor.backends[0]
-    out: dict[str, list[float]] = {"network alone": [], "sequential": [], "pipelined": []}
+    uint8_overlay = hiseg.visualize.overlay
+    predict, write = predictor.predict, OverlayWriter.__call__
+    runs = [("sequential", False, uint8_overlay), ("pipelined", True, uint8_overlay)]
+    if args.float_overlay:
+        runs += [
+            ("sequential, float overlay", False, float_overlay),
+            ("pipelined, float overlay", True, float_overlay),
+        ]
+    names = ["network alone"] + [r[0] for r in runs]
+    measures = ("fps", "cpu_ms", "predict_ms", "write_ms")
+    values: dict[str, dict[str, list[float]]] = {m: {n: [] for n in names} for m in measures}
+    busy = {"predict_ms": 0.0, "write_ms": 0.0}
+
+    def busy_in(key: str, work):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return work(*args, **kwargs)
+            finally:
+                busy[key] += time.perf_counter() - start
+
+        return run
+
+    def timed(name: str, work) -> None:
+        """Frames/s; CPU time per frame of this process (all its threads), under a varying
+        load the steadier measure of the work done; and the time per frame of the calling
+        thread's ``predict`` and of the writer's drawing and encoding, to find the bottleneck."""
+        busy.update(predict_ms=0.0, write_ms=0.0)
+        wall, cpu = time.perf_counter(), time.process_time()
+        work()
+        values["fps"][name].append(len(clip_frames) / (time.perf_counter() - wall))
+        values["cpu_ms"][name].append(1000 * (time.process_time() - cpu) / len(clip_frames))
+        for key, seconds in busy.items():
+            values[key][name].append(1000 * seconds / len(clip_frames))
+
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"
         writer = cv2.VideoWriter(str(clip), cv2.VideoWriter.fourcc(*"mp4v"), 25, (640, 480))
@@ -217,22 +269,29 @@ def speed_run(args, predictor, smoother: TemporalSmoother) -> dict[str, float]:
         writer.release()
         inputs = [prepare(frame, backend.spec)[0][None] for frame in clip_frames]
         backend.run(inputs[0])  # warm-up
-        for _ in range(args.speed_repeats):  # in turns, so load changes hit all three alike
-            start = time.perf_counter()
-            for x in inputs:
-                backend.run(x)
-            out["network alone"].append(len(inputs) / (time.perf_counter() - start))
-            for name, pipelined in (("sequential", False), ("pipelined", True)):
-                start = time.perf_counter()
-                segment_video(
-                    predictor,
-                    Source("video", clip),
-                    Path(tmp) / f"{name}.mp4",
-                    smoother=smoother,
-                    pipelined=pipelined,
-                )
-                out[name].append(len(clip_frames) / (time.perf_counter() - start))
-    return {name: float(np.median(values)) for name, values in out.items()}
+        for turn in range(args.speed_repeats):  # in turns, so load changes hit all alike
+            timed("network alone", lambda: [backend.run(x) for x in inputs])
+            for name, pipelined, drawing in runs if turn % 2 else runs[::-1]:
+                with (
+                    mock.patch.object(hiseg.visualize, "overlay", drawing),
+                    mock.patch.object(predictor, "predict", busy_in("predict_ms", predict)),
+                    mock.patch.object(OverlayWriter, "__call__", busy_in("write_ms", write)),
+                ):
+                    timed(
+                        name,
+                        lambda pipelined=pipelined: segment_video(
+                            predictor,
+                            Source("video", clip),
+                            Path(tmp) / "out.mp4",
+                            smoother=smoother,
+                            pipelined=pipelined,
+                        ),
+                    )
+    network = np.array(values["fps"]["network alone"])
+    out = {name: {m: float(np.median(values[m][name])) for m in measures} for name in names}
+    for name in names:
+        out[name]["share"] = float(np.median(np.array(values["fps"][name]) / network))
+    return out
 
 
 def numbers(text: str, kind=float) -> list:
@@ -273,30 +332,46 @@ def main() -> None:
     parser.add_argument("--speed-frames", type=int, default=60)
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--machine", default="2-core x86_64 VM, shared with a niced training")
-    parser.add_argument("--out", type=Path, default=HERE / "video_consistency")
+    parser.add_argument("--speed-only", action="store_true", help="Only the speed section.")
+    parser.add_argument(
+        "--float-overlay", action="store_true", help="Also time the old float32 overlay."
+    )
+    parser.add_argument("--out", type=Path, help="default benchmarks/video_consistency or _speed")
     args = parser.parse_args()
+    args.out = args.out or HERE / ("video_speed" if args.speed_only else "video_consistency")
     predictor = hiseg.load(args.model, threads=args.threads)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = os.getloadavg()[0]
-    results = {}
-    for motion in numbers(args.motion):
+    results, n_frames = {}, 0
+    for motion in [] if args.speed_only else numbers(args.motion):
         rows, n_frames = consistency_run(args, predictor, motion)
         results[motion] = rows
     speed = {
         threads: speed_run(args, hiseg.load(args.model, threads=threads), TemporalSmoother())
         for threads in numbers(args.speed_threads, int)
     }
-    command = " ".join(["python benchmarks/video_consistency.py", *sys.argv[1:]])
+    command = "python benchmarks/video_consistency.py " + shlex.join(sys.argv[1:])
     data = {"command": command, "frames": n_frames, "motion": results, "speed": speed}
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    title = "Video speed" if args.speed_only else "Temporal smoothing on labelled synthetic video"
     lines = [
-        "# Temporal smoothing on labelled synthetic video",
+        f"# {title}",
         "",
         f"Command: `{command}`",
         "",
         f"Machine: {args.machine} ({os.cpu_count()} logical cores), CPython "
         f"{platform.python_version()}; model `{args.model}`, {args.threads} threads; {started}; "
         f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
+    ]
+    if not args.speed_only:
+        lines += consistency_section(args, results, n_frames, predictor.tree.num_levels)
+    lines += speed_section(args, speed)
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def consistency_section(args, results, n_frames: int, levels: int) -> list[str]:
+    lines = [
         "",
         f"{args.clips} clips x {args.frames} frames ({n_frames} frames) from pascal-person-part "
         f"val photos, seed {args.seed}; see the script's docstring for how clips and scores are "
@@ -308,27 +383,42 @@ def main() -> None:
     ]
     for motion, rows in results.items():
         lines += ["", f"## Camera motion x{motion:g}", ""]
-        lines += table(rows, predictor.tree.num_levels)
-    lines += [
+        lines += table(rows, levels)
+    return lines
+
+
+def speed_section(args, speed: dict[int, dict[str, dict[str, float]]]) -> list[str]:
+    lines = [
         "",
         f"## Speed: a 640x480 clip, {args.speed_frames} frames (median of "
         f"{args.speed_repeats} runs, in turns)",
         "",
-        "| network threads | network alone | sequential | pipelined |",
-        "|---:|---:|---:|---:|",
+        "| network threads | run | frames/s | of the network alone | CPU ms | predict ms | "
+        "write ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for threads, fps in speed.items():
-        cells = " | ".join(f"{fps[k]:.1f}" for k in ("network alone", "sequential", "pipelined"))
-        lines.append(f"| {threads} | {cells} |")
+    for threads, runs in speed.items():
+        for name, v in runs.items():
+            steps = f"{v['predict_ms']:.1f} | {v['write_ms']:.1f}" if v["predict_ms"] else "- | -"
+            lines.append(
+                f"| {threads} | {name} | {v['fps']:.1f} | {v['share']:.0%} | {v['cpu_ms']:.1f} "
+                f"| {steps} |"
+            )
     lines += [
         "",
-        "Frames/s. network alone: the ONNX session on ready inputs. sequential / pipelined: "
+        "network alone: the ONNX session on ready inputs. sequential / pipelined: "
         "`segment_video` from the mp4 to the overlay mp4 (decode, network, smoothing, decode of "
-        "the tree, overlay, encode) with smoothing on, every step in turn / in three threads.",
+        "the tree, overlay, encode) with smoothing on, every step in turn / in three threads. "
+        "float overlay: the same with the overlay blended in float32 NumPy as before "
+        "(`--float-overlay`). The share is the median over turns of each turn's ratio; CPU ms: "
+        "this process's CPU time per frame, all threads (the work done, steadier than frames/s "
+        "under load). predict ms / write ms: wall time per frame in `Predictor.predict` (the "
+        "calling thread: network, smoothing, decoding) and in the writer (overlay, encoding); "
+        "pipelined, the larger bounds the speed. The runs of a turn go in reverse order every "
+        "other turn.",
         "",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":
