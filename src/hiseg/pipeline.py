@@ -237,13 +237,11 @@ class Probabilities:
     def decode(self, tree: Tree) -> np.ndarray:
         """(H, W) leaf values, equal to ``tree.decode(self.full())`` (see the module doc)."""
         if self._full is not None:
-            full = self._full
-            _, h, w = full.shape
-            return np.concatenate(in_chunks(lambda a, b: tree.decode(full[:, a:b]), h, w))
+            return _decode(tree, self._full)
         assert self._small is not None and self._geometry is not None
         small = self._small
-        _, h, w = small.shape
-        small_labels = np.concatenate(in_chunks(lambda a, b: tree.decode(small[:, a:b]), h, w))
+        h = small.shape[1]
+        small_labels = _decode(tree, small)
         ow = self._geometry.original_hw[1]
         (y0, _, _), (x0, _, _) = self._taps()
         # A pixel's sources are (i, j), (i, j + 1), (i + 1, j), (i + 1, j + 1), clamped to the
@@ -252,12 +250,22 @@ class Probabilities:
         mixed_at = small_labels != below
         mixed_at[:, :-1] |= small_labels[:, :-1] != small_labels[:, 1:]
         mixed_at[:, :-1] |= small_labels[:, :-1] != below[:, 1:]
-        labels = small_labels[y0][:, x0]
-        # Only the mixed pixels need their probabilities, taken in cache-sized runs. When they
-        # are many (a 1/4 map's borders are 4 pixels wide), the map widened to the image's
-        # width first halves the gathers per pixel.
-        mixed = np.flatnonzero(mixed_at[y0][:, x0])
-        widened = self._widened() if 2 * len(mixed) > h * ow else None
+        mixed_at = mixed_at[y0][:, x0]
+        widened = None
+        if 2 * np.count_nonzero(mixed_at) > h * ow:
+            # Many mixed pixels (a 1/4 map's borders are 4 pixels wide): interpolate along the
+            # rows first, to the image's width, and decode that. A pixel lies between two of
+            # its pixels, (y0, x) and (y1, x), so only where those two disagree is it mixed,
+            # and it needs two gathers, not four.
+            widened = self._widened()
+            small_labels = _decode(tree, widened)
+            below = np.concatenate([small_labels[1:], small_labels[-1:]])
+            mixed_at = (small_labels != below)[y0]
+            labels = small_labels[y0]
+        else:
+            labels = small_labels[y0][:, x0]
+        # Only the mixed pixels need their probabilities, taken in cache-sized runs.
+        mixed = np.flatnonzero(mixed_at)
         for start in range(0, len(mixed), CHUNK_PIXELS):
             ys, xs = np.divmod(mixed[start : start + CHUNK_PIXELS], ow)
             labels[ys, xs] = tree.decode(self._interpolate(ys, xs, widened)[:, :, None])[:, 0]
@@ -301,6 +309,12 @@ class Probabilities:
             _taps(o, r, p, g.output_scale)
             for o, r, p in zip(g.original_hw, g.resized_hw, g.padded_hw, strict=True)
         )
+
+
+def _decode(tree: Tree, probs: np.ndarray) -> np.ndarray:
+    """``tree.decode`` of a (leaves, h, w) map, in chunks of rows."""
+    _, h, w = probs.shape
+    return np.concatenate(in_chunks(lambda a, b: tree.decode(probs[:, a:b]), h, w))
 
 
 def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
