@@ -54,8 +54,8 @@ MAX_MIOU_DROP = 0.01
 CALIBRATION_IMAGES = 16
 #: Images on which an export is compared with torch (spread over the split).
 VALIDATION_IMAGES = 8
-#: Nodes under this prefix (the last conv and its upsampling to the input size) stay float:
-#: cheap, and they shape the logits that the decision is made on.
+#: Nodes under this prefix (the last conv, and its upsampling in a full-resolution export) stay
+#: float: cheap, and they shape the logits that the decision is made on.
 HEAD_PREFIX = "/net/segmentation_head/"
 #: Ops left float: ONNX Runtime has no int8 CPU kernel for them (GroupNorm exports as these).
 FLOAT_OPS = ("InstanceNormalization",)
@@ -182,8 +182,9 @@ def _strip_upsampling(proto: onnx.ModelProto, source: str) -> int:
     """The graph surgery of :func:`strip_head_upsampling`; returns k.
 
     From the output back: ``Slice`` nodes (the crop to the input size, starting at 0, step 1),
-    then the head's ``Resize`` (linear, align_corners, scales (1, 1, k, k)). The Resize goes;
-    the Slices now read the convolution's output and crop it to ceil(size / k).
+    then the head's ``Resize`` (linear, align_corners, scales (1, 1, k, k)). The Resize becomes
+    an Identity (which ONNX Runtime removes), so the Slices crop the convolution's output, to
+    ceil(size / k).
     """
     graph = proto.graph
     producer = {name: node for node in graph.node for name in node.output}
@@ -215,8 +216,16 @@ def _strip_upsampling(proto: onnx.ModelProto, source: str) -> int:
     for crop in slices:
         starts = _constant(graph, crop.input[1])
         steps = _constant(graph, crop.input[4]) if len(crop.input) > 4 else None
-        if starts is None or starts.any() or (steps is not None and (steps != 1).any()):
-            raise ModelError(f"{source}: the crop '{crop.name}' does not start at 0 with step 1")
+        ends = _constant(graph, crop.input[2])
+        if (
+            starts is None
+            or starts.any()
+            or (steps is not None and (steps != 1).any())
+            or (ends is not None and (ends >= 2**31).any())  # "to the end": ends + k overflows
+        ):
+            raise ModelError(
+                f"{source}: the crop '{crop.name}' is not one from 0 to a size, with step 1"
+            )
     k, k_less_1 = f"{resize.name}/scale", f"{resize.name}/scale_minus_1"
     graph.initializer.extend(
         [
