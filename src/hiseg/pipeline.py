@@ -209,7 +209,7 @@ class Probabilities:
             else:  # cv2 cannot map through the align-corners grid: separable, as _interpolate
                 (y0, y1, wy), _ = self._taps()
                 widened, wy = self._widened(), wy[:, None]
-                self._full = widened[:, y0] * (1 - wy) + widened[:, y1] * wy
+                self._full = widened.take(y0, axis=1) * (1 - wy) + widened.take(y1, axis=1) * wy
         return self._full
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -246,11 +246,12 @@ class Probabilities:
         (y0, _, _), (x0, _, _) = self._taps()
         # A pixel's sources are (i, j), (i, j + 1), (i + 1, j), (i + 1, j + 1), clamped to the
         # map (see _taps), so whether they disagree is known per (i, j), at network resolution.
+        # (take, not fancy indexing, which would leave the maps in column order.)
         below = np.concatenate([small_labels[1:], small_labels[-1:]])
         mixed_at = small_labels != below
         mixed_at[:, :-1] |= small_labels[:, :-1] != small_labels[:, 1:]
         mixed_at[:, :-1] |= small_labels[:, :-1] != below[:, 1:]
-        mixed_at = mixed_at[y0][:, x0]
+        mixed_at = mixed_at.take(y0, axis=0).take(x0, axis=1)
         widened = None
         if 2 * np.count_nonzero(mixed_at) > h * ow:
             # Many mixed pixels (a 1/4 map's borders are 4 pixels wide): interpolate along the
@@ -260,10 +261,10 @@ class Probabilities:
             widened = self._widened()
             small_labels = _decode(tree, widened)
             below = np.concatenate([small_labels[1:], small_labels[-1:]])
-            mixed_at = (small_labels != below)[y0]
-            labels = small_labels[y0]
+            mixed_at = (small_labels != below).take(y0, axis=0)
+            labels = small_labels.take(y0, axis=0)
         else:
-            labels = small_labels[y0][:, x0]
+            labels = small_labels.take(y0, axis=0).take(x0, axis=1)
         # Only the mixed pixels need their probabilities, taken in cache-sized runs.
         mixed = np.flatnonzero(mixed_at)
         for start in range(0, len(mixed), CHUNK_PIXELS):
@@ -299,7 +300,9 @@ class Probabilities:
         """The kept map interpolated along its rows to the image's width: (leaves, rows, W)."""
         assert self._small is not None
         _, (x0, x1, wx) = self._taps()
-        return self._small[:, :, x0] * (1 - wx) + self._small[:, :, x1] * wx
+        # take, not [:, :, x0], which would leave the result in (W, leaves, rows) memory order
+        # and make every later reshape a copy
+        return self._small.take(x0, axis=2) * (1 - wx) + self._small.take(x1, axis=2) * wx
 
     def _taps(self) -> tuple[_Taps, _Taps]:
         """The bilinear sources of the image's rows and columns in the kept map."""
