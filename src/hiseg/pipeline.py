@@ -259,10 +259,10 @@ class Probabilities:
             # its pixels, (y0, x) and (y1, x), so only where those two disagree is it mixed,
             # and it needs two gathers, not four.
             widened = self._widened()
-            small_labels = _decode(tree, widened)
-            below = np.concatenate([small_labels[1:], small_labels[-1:]])
-            mixed_at = (small_labels != below).take(y0, axis=0)
-            labels = small_labels.take(y0, axis=0)
+            row_labels = _decode(tree, widened)
+            below = np.concatenate([row_labels[1:], row_labels[-1:]])
+            mixed_at = (row_labels != below).take(y0, axis=0)
+            labels = row_labels.take(y0, axis=0)
         else:
             labels = small_labels.take(y0, axis=0).take(x0, axis=1)
         # Only the mixed pixels need their probabilities, taken in cache-sized runs.
