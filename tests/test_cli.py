@@ -157,6 +157,20 @@ def test_eval_and_bench_outputs_are_checked_first(tmp_path):
     one_error_line(cli("bench", "no-such.onnx", "--out", a_file / "b.md"), "--out")
 
 
+def test_bench_times_predict_on_the_given_photo(tmp_path):
+    import hiseg
+
+    model = Path(hiseg.__file__).parent / "weights" / "person.onnx"
+    image = photo(tmp_path / "p.png", size=(48, 40))
+    out = tmp_path / "bench.md"
+    args = [model, "--sizes", "64", "--runs", "1", "--warmup", "0", "--threads", "1"]
+    result = cli("bench", *args, "--out", out, "--image", image)
+    assert result.exit_code == 0, result.output
+    table = out.read_text()
+    assert "48x40x3 photo -> 1x3x64x64" in table and f"--image {image}" in table
+    one_error_line(cli("bench", *args, "--out", out, "--image", tmp_path / "none.png"), "none.png")
+
+
 # -- inputs are never overwritten, names never collide -------------------------------------------
 
 

@@ -802,9 +802,15 @@ def bench_command(
     runs: int = typer.Option(30, help="Timed runs per row."),
     warmup: int = typer.Option(5, help="Untimed runs before them."),
     out: Path = typer.Option(Path("benchmarks/bench.md"), help="Markdown table to write."),
+    image: Path | None = typer.Option(
+        None,
+        help="Photo for the predict rows (default: a random 500x375 photo, the worst case for "
+        "decoding: every pixel borders another label).",
+    ),
 ) -> None:
     """Latency (median, p90) and images/s of the network and of predict, per runtime."""
     from hiseg.bench import benchmark, write_markdown
+    from hiseg.images import as_rgb
     from hiseg.runner import writable_file
 
     try:
@@ -817,7 +823,8 @@ def bench_command(
     at_least("--runs", runs, 1)
     at_least("--warmup", warmup, 0)
     writable_file(out, "--out")
-    rows = benchmark(model, long_sides, threads=threads, runs=runs, warmup=warmup)
+    photo = as_rgb(image)[0] if image is not None else None
+    rows = benchmark(model, long_sides, threads=threads, runs=runs, warmup=warmup, image=photo)
     table = Table(title=f"batch 1, {threads} thread(s), {runs} runs")
     text = ("model", "runtime", "precision", "task", "input")
     numbers = ("median_ms", "p90_ms", "images_per_s")
@@ -830,7 +837,7 @@ def bench_command(
     console.print(table)
     command = (
         f"hiseg bench {' '.join(map(str, model))} --sizes {sizes} --threads {threads} "
-        f"--runs {runs} --warmup {warmup} --out {out}"
+        f"--runs {runs} --warmup {warmup} --out {out}" + (f" --image {image}" if image else "")
     )
     console.print(f"saved {write_markdown(rows, out, command)}", highlight=False)
 
