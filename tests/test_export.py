@@ -289,3 +289,21 @@ def test_an_old_full_resolution_export_predicts_exactly_as_before(full_resolutio
         image = np.ascontiguousarray(image.repeat(2, 0)[:h].repeat(2, 1)[:, :w])
         want = reference_labels(full_resolution_path, image)
         np.testing.assert_array_equal(predictor.predict(image).labels, want)
+
+
+def test_a_head_that_does_not_upsample_exports_at_full_resolution(tiny_data, tmp_path):
+    """Unet's head outputs the input's size: nothing to strip, ``output_scale`` 1."""
+    from hiseg.models import create_model
+
+    model = create_model("unet", "tf_efficientnet_lite0", "pascal-person-part", pretrained=False)
+    checkpoint = tmp_path / "unet.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, METADATA_KEY: model.spec(128).to_json()}, checkpoint)
+    exported = export_onnx(checkpoint, tmp_path / "unet.onnx")
+    spec = load(exported).backends[0].spec
+    assert spec.output_scale == model.output_scale == 1
+    x = np.random.default_rng(0).normal(size=(1, 3, 64, 96)).astype(np.float32)
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": x})[0].shape == (1, 7, 64, 96)
+    images = sample_images(open_dataset(tiny_data, "val"), 2)
+    assert validate_export(checkpoint, exported, images, threads=THREADS)["ok"]

@@ -73,9 +73,10 @@ def export_onnx(
 
     k is the spec's ``output_scale``: the head's final upsampling is stripped
     (:func:`strip_head_upsampling`) and left to the pipeline, unless ``full_resolution`` keeps
-    it (k = 1, hiseg 0.1's format, for runtimes other than hiseg's). ``clean`` is stored as the
-    model's default clean-up (:mod:`hiseg.postprocess`), for models where it was measured to
-    help; the predictor uses it unless told otherwise.
+    it (k = 1, hiseg 0.1's format, for runtimes other than hiseg's); k is 1 too for a head
+    that does not upsample (Unet, Linknet). ``clean`` is stored as the model's default clean-up
+    (:mod:`hiseg.postprocess`), for models where it was measured to help; the predictor uses it
+    unless told otherwise.
     """
     model, spec = load_checkpoint(checkpoint)
     side = spec.long_side
@@ -97,7 +98,8 @@ def export_onnx(
         )
     proto = onnx.load_from_string(buffer.getvalue())
     fold_same_padding(proto)
-    scale = 1 if full_resolution else _strip_upsampling(proto, str(checkpoint))
+    stripped = not full_resolution and model.output_scale != 1  # Unet's head does not upsample
+    scale = _strip_upsampling(proto, str(checkpoint)) if stripped else 1
     spec = dataclasses.replace(
         spec,
         precision="fp32",
