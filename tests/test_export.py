@@ -307,3 +307,13 @@ def test_a_head_that_does_not_upsample_exports_at_full_resolution(tiny_data, tmp
     assert session.run(None, {"image": x})[0].shape == (1, 7, 64, 96)
     images = sample_images(open_dataset(tiny_data, "val"), 2)
     assert validate_export(checkpoint, exported, images, threads=THREADS)["ok"]
+
+
+def test_a_full_resolution_export_is_validated_against_the_full_resolution_model(
+    tiny_checkpoint, full_resolution_path, val
+):
+    report = validate_export(
+        tiny_checkpoint, full_resolution_path, [image for image, _ in val], threads=THREADS
+    )
+    assert report["ok"] and report["max_abs_diff"] < 1e-3, report
+    assert report["pixels"] > 3 * 100 * 100  # full resolution: every resized pixel compared

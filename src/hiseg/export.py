@@ -40,7 +40,7 @@ from hiseg.data import Dataset
 from hiseg.metrics import ConfusionMatrix
 from hiseg.models import load_checkpoint
 from hiseg.pipeline import prepare
-from hiseg.predictor import load, load_backend
+from hiseg.predictor import load, load_backend, torch_backend
 from hiseg.runner import publish
 from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 
@@ -306,8 +306,9 @@ def validate_export(
     """Compare ONNX Runtime with torch on a few real images, over the image area (padding
     excluded). ``ok``: the argmax leaf agrees on ``MIN_ARGMAX_AGREEMENT`` of the pixels or more.
     """
-    reference = load_backend(checkpoint, "torch", threads)
     exported = load_backend(onnx_path, "onnx", threads)
+    full_resolution = exported.spec.output_scale == 1  # as the export's output
+    reference = torch_backend(Path(checkpoint), threads, full_resolution)
     inputs = [prepare(image, exported.spec) for image in images]
     # All of torch first: ONNX Runtime's threads spin after each run and would slow torch down.
     wanted = [reference.run(x[None]) for x, _ in inputs]

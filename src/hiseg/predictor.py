@@ -13,6 +13,7 @@ each small person (``zoom``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -142,7 +143,10 @@ def onnx_backend(path: Path, threads: int | None = None, memory_arena: bool = Tr
     return Backend(str(path), _checked_run(str(path), spec, run), spec)
 
 
-def torch_backend(path: Path, threads: int | None = None) -> Backend:
+def torch_backend(path: Path, threads: int | None = None, full_resolution: bool = False) -> Backend:
+    """A ``hiseg train`` checkpoint's :meth:`SegmentationModel.predict_logits`, or with
+    ``full_resolution`` its forward (the head's upsampling kept, ``output_scale`` 1: what a
+    ``full_resolution`` export computes)."""
     try:
         import torch
 
@@ -152,10 +156,13 @@ def torch_backend(path: Path, threads: int | None = None) -> Backend:
         raise ModelError(msg) from None
     torch.set_num_threads(_threads(threads))
     model, spec = load_checkpoint(path)
+    forward = model if full_resolution else model.predict_logits
+    if full_resolution:
+        spec = dataclasses.replace(spec, output_scale=1)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model.predict_logits(torch.from_numpy(x)).float().numpy()
+            return forward(torch.from_numpy(x)).float().numpy()
 
     return Backend(str(path), _checked_run(str(path), spec, run), spec)
 
