@@ -208,11 +208,14 @@ def quarter(run, k: int = 4):
     return small
 
 
-@pytest.mark.parametrize("hw", [(61, 47), (47, 61), (97, 33), (33, 97), (17, 13), (13, 17)])
+@pytest.mark.parametrize(
+    "hw", [(61, 47), (47, 61), (97, 33), (33, 97), (17, 13), (13, 17), (48, 37)]
+)
 def test_a_quarter_output_restores_the_image_coordinates(hw):
-    """Odd sizes (resized sides not multiples of 4), both orientations, shrunk and enlarged:
-    each pixel's probabilities are its own colour's, so image pixels are mapped to the 1/4 map
-    through the resize and the align-corners upsampling the network's head was trained with."""
+    """Odd sizes (resized sides not multiples of 4), both orientations, shrunk, enlarged and
+    already at the model size (48 x 37: no resize, yet a 1/4 map to restore): each pixel's
+    probabilities are its own colour's, so image pixels are mapped to the 1/4 map through the
+    resize and the align-corners upsampling the network's head was trained with."""
     image = ramp(*hw)
     model = predictor(quarter(affine), long_side=48, output_scale=4)
     result = model.predict(image)
