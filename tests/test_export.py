@@ -247,7 +247,9 @@ def test_stripping_the_heads_upsampling_keeps_the_labels(
     session = ort.InferenceSession(str(stripped), providers=["CPUExecutionProvider"])
     assert ModelSpec.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY]) == spec
     exported = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for shape, small in [((1, 3, 64, 96), (16, 24)), ((2, 3, 131, 77), (33, 20))]:
+    # 100 x 68: multiples of 4 but not of 32, where ceil(size / 4) differs from (size + 4) // 4
+    sizes = [((1, 3, 64, 96), (16, 24)), ((2, 3, 131, 77), (33, 20)), ((1, 3, 100, 68), (25, 17))]
+    for shape, small in sizes:
         x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
         got = session.run(None, {"image": x})[0]
         assert got.shape == (shape[0], 7, *small)
