@@ -137,9 +137,18 @@ def pseudo_label(
     }
     teachers = teacher_records(predictor)
     return label_photos(
-        predictor.predict_batch, predictor.tree, teachers, settings, photos, out,
-        mode, threshold, limit, progress, batch_size=predictor.batch_size,
-    )  # fmt: skip
+        predictor.predict_batch,
+        predictor.tree,
+        teachers,
+        settings,
+        photos,
+        out,
+        mode=mode,
+        threshold=threshold,
+        limit=limit,
+        progress=progress,
+        batch_size=predictor.batch_size,
+    )
 
 
 def label_photos(
