@@ -489,11 +489,21 @@ def test_legacy_metadata_is_read_and_the_bundled_models_kept_it(name, long_side,
     assert ModelSpec.from_json(bundled) == dataclasses.replace(legacy, output_scale=4)
 
 
+def test_a_full_resolution_spec_is_written_as_schema_1_for_older_readers():
+    """Only a 1/k output needs schema 2; a full-size one stays readable by an older hiseg."""
+    full, quarter = spec(), spec(output_scale=4)
+    written = json.loads(full.to_json())
+    assert written["schema"] == 1 and "output_scale" not in written
+    assert ModelSpec.from_json(full.to_json()) == full
+    written = json.loads(quarter.to_json())
+    assert written["schema"] == 2 and written["output_scale"] == 4
+    assert ModelSpec.from_json(quarter.to_json()).output_scale == 4
+
+
 def test_a_schema_1_spec_reads_as_a_full_resolution_output():
     """Written before ``output_scale`` existed (schema 1): the network output is full size."""
-    data = spec().to_dict()
+    data = {**spec(output_scale=4).to_dict(), "schema": 1}
     del data["output_scale"]
-    data["schema"] = 1
     read = ModelSpec.from_dict(data)
     assert read == spec() and read.output_scale == 1 and read.schema == SCHEMA_VERSION
     quarter_spec = spec(output_scale=4)

@@ -22,8 +22,9 @@ from hiseg.taxonomy import Tree, TreeError
 
 #: Key of the spec in ONNX metadata and in checkpoints (the same key hiseg 0.1 used).
 METADATA_KEY = "hiseg"
-#: The spec format this code writes; it reads this one and every older one. Schema 2 added
-#: ``output_scale``: a hiseg that reads only schema 1 would take a 1/4-size output for the image.
+#: The newest spec format, written for models with a 1/k output; it reads this one and every
+#: older one. Schema 2 added ``output_scale``: a hiseg that reads only schema 1 would take a
+#: 1/4-size output for the image, so full-size models are still written as schema 1.
 SCHEMA_VERSION = 2
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -70,7 +71,9 @@ class ModelSpec:
         return self.tree.num_leaves
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON types only (so a checkpoint holding it loads with ``weights_only=True``)."""
+        """JSON types only (so a checkpoint holding it loads with ``weights_only=True``). A
+        full-resolution model (``output_scale`` 1) is written as schema 1, which a hiseg from
+        before schema 2 still reads correctly."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -81,6 +84,9 @@ class ModelSpec:
             elif f.name == "decoder":
                 value = dict(value)
             out[f.name] = value
+        if self.output_scale == 1:
+            del out["output_scale"]
+            out["schema"] = 1
         return out
 
     def to_json(self) -> str:
