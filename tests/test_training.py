@@ -460,3 +460,68 @@ def test_ema_weights_are_validated_saved_and_loaded_for_prediction(tiny_data, tm
     assert not torch.equal(averaged[key], raw[key])
     model, _ = load_checkpoint(tmp_path / "tiny" / "last.ckpt")
     assert torch.equal(model.state_dict()[key.removeprefix("model.")], averaged[key])
+
+
+def test_cached_images_give_the_same_crops_without_reading_the_files_again(tmp_path):
+    """data.cache_images: images and masks are decoded once, when the loaders are built; the
+    crops are those of the uncached path (same seed), on a second pass too (augmentation cannot
+    alter a cached sample), and come with the files gone."""
+    root = make_folder_dataset(tmp_path / "data", n_train=4, n_val=1)
+    sets = {}
+    for cache in (False, True):
+        config = tiny_config(root, tmp_path, **{"data.cache_images": cache})
+        norm = preprocessing(config.model.encoder)
+        sets[cache] = build_loaders(config, norm["mean"], norm["std"])[0].dataset
+    passes = [[sets[False][i] for i in range(len(sets[False]))] for _ in range(2)]
+    for folder in ("images", "masks"):
+        for path in (root / folder).iterdir():
+            path.unlink()
+    for expected in passes:
+        for i, (x, target) in enumerate(expected):
+            cached_x, cached_target = sets[True][i]
+            assert torch.equal(cached_x, x) and torch.equal(cached_target, target), i
+    assert not torch.equal(passes[0][0][0], passes[1][0][0])  # the crops are random
+
+
+def test_frozen_stem_keeps_its_imagenet_weights_and_statistics(tiny_data, tmp_path):
+    """optim.freeze_stem: the encoder's stem conv, BatchNorm and first block are left out of the
+    optimiser and keep their ImageNet weights and running statistics while the rest trains."""
+    from hiseg.models import create_model
+    from hiseg.training import stem
+
+    imagenet = create_model("fpn", "tf_efficientnet_lite0", load_tree("pascal-person-part"))
+    before = {k: v.clone() for k, v in imagenet.net.encoder.state_dict().items()}
+    extra = {"optim.freeze_stem": True, "trainer.max_epochs": 1, "trainer.limit_train_batches": 1}
+    task = train(tiny_config(tiny_data, tmp_path, **extra), track=False)
+    after = task.model.net.encoder.state_dict()
+    stem_keys = [
+        k for k in before if k.startswith(("model.conv_stem", "model.bn1", "model.blocks.0."))
+    ]
+    assert len(stem_keys) > 10 and any("running_mean" in k for k in stem_keys)
+    for key in stem_keys:
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(before[key], after[key].cpu()), key
+    assert not torch.equal(
+        before["model.blocks.1.0.conv_pw.weight"], after["model.blocks.1.0.conv_pw.weight"]
+    )
+    optimised = {id(p) for g in task.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in stem(task.model).parameters()}
+
+
+def test_compile_compiles_the_network_in_place(tiny_data, tmp_path, monkeypatch):
+    """trainer.compile: the network's calls go through torch.compile (inductor); the state dict
+    keeps its keys, so checkpoints load into an uncompiled model."""
+    compiled = []
+
+    def record(fn, *args, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    tree = open_dataset(tiny_data, "train").tree.to_dict()
+    plain = SegmentationTask(tiny_config(tiny_data, tmp_path), tree, pretrained=False)
+    assert compiled == []
+    config = tiny_config(tiny_data, tmp_path, **{"trainer.compile": True})
+    task = SegmentationTask(config, tree, pretrained=False)
+    assert [getattr(fn, "__self__", None) for fn in compiled] == [task.model.net]
+    assert task.state_dict().keys() == plain.state_dict().keys()

@@ -57,11 +57,23 @@ def leaf_targets(labels: np.ndarray, tree: Tree) -> np.ndarray:
 
 class TrainSet(torch.utils.data.Dataset):
     """Augmented, normalised crops with dense leaf-index targets in ``tree`` (default: the
-    dataset's own; another is reached by :meth:`Tree.relabeller`, e.g. parts -> person)."""
+    dataset's own; another is reached by :meth:`Tree.relabeller`, e.g. parts -> person).
 
-    def __init__(self, dataset: Dataset, transform, mean, std, tree: Tree | None = None):
+    ``cache=True`` decodes every image and mask once, here (``data.cache_images``): forked loader
+    workers share them. They are read-only, so no augmentation can alter a cached sample."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform,
+        mean,
+        std,
+        tree: Tree | None = None,
+        cache: bool = False,
+    ):
         self.dataset, self.transform, self.mean, self.std = dataset, transform, mean, std
         self.tree = tree or dataset.tree
+        self.cached = [_read_only(dataset[i]) for i in range(len(dataset))] if cache else None
         try:
             self.relabel = dataset.tree.relabeller(self.tree)
         except ValueError:
@@ -74,10 +86,16 @@ class TrainSet(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.dataset[i]
+        image, labels = self.dataset[i] if self.cached is None else self.cached[i]
         image, labels = self.transform(image, self.relabel(labels))
         x = normalize(image, self.mean, self.std)
         return torch.from_numpy(x), torch.from_numpy(leaf_targets(labels, self.tree))
+
+
+def _read_only(sample: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    for array in sample:
+        array.flags.writeable = False
+    return sample
 
 
 class PseudoTrainSet(TrainSet):
@@ -163,6 +181,11 @@ class SegmentationTask(L.LightningModule):
         )
         if self.config.trainer.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.config.optim.freeze_stem:
+            stem(self.model).requires_grad_(False)
+        if self.config.trainer.compile:
+            # in place: the state dict keeps its keys; validation (predict_logits) runs eagerly
+            self.model.net.compile()
         self.loss_fn = build_loss(self.tree, dataclasses.asdict(self.config.loss))
         self.confusion = ConfusionMatrix(self.tree)
         self.samples: list[np.ndarray] = []
@@ -189,6 +212,12 @@ class SegmentationTask(L.LightningModule):
             "train/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(x)
         )
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        """The frozen stem stays frozen (after FreezeEncoder's unfreezing, which runs first) and
+        keeps its BatchNorm statistics (Lightning sets train mode each epoch)."""
+        if self.config.optim.freeze_stem:
+            stem(self.model).requires_grad_(False).eval()
 
     def on_validation_epoch_start(self) -> None:
         self.confusion = ConfusionMatrix(self.tree)
@@ -249,9 +278,11 @@ class SegmentationTask(L.LightningModule):
     def configure_optimizers(self):
         o = self.config.optim
         encoder = set(self.model.net.encoder.parameters())
+        frozen = set(stem(self.model).parameters()) if o.freeze_stem else set()
+        trained = [p for p in self.model.parameters() if p not in frozen]
         groups = [
-            {"params": [p for p in self.model.parameters() if p in encoder], "lr": o.encoder_lr},
-            {"params": [p for p in self.model.parameters() if p not in encoder], "lr": o.lr},
+            {"params": [p for p in trained if p in encoder], "lr": o.encoder_lr},
+            {"params": [p for p in trained if p not in encoder], "lr": o.lr},
         ]
         optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -264,6 +295,22 @@ class SegmentationTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = self.spec().to_json()
+
+
+STEM = ("model.conv_stem", "model.bn1", "model.blocks.0")
+
+
+def stem(model: torch.nn.Module) -> torch.nn.Sequential:
+    """The encoder's layers at half the input's size (``optim.freeze_stem``): timm
+    EfficientNet / MobileNet stem conv, its BatchNorm and first block."""
+    encoder = model.get_submodule("net.encoder")
+    try:
+        return torch.nn.Sequential(*(encoder.get_submodule(name) for name in STEM))
+    except AttributeError:
+        raise ConfigError(
+            f"config key 'optim.freeze_stem': encoder {type(encoder).__name__} has no "
+            "conv_stem / bn1 / blocks.0 (an EfficientNet or MobileNet stem)"
+        ) from None
 
 
 def lr_schedule(kind: str, warmup: int, total: int, min_ratio: float):
@@ -474,7 +521,10 @@ def build_loaders(config: Config, mean, std) -> tuple[DataLoader, DataLoader, Da
     )
     extra = [open_dataset(e.root, e.split, e.format) for e in d.extra]
     workers = d.num_workers
-    sets = [TrainSet(data, transform, mean, std, train_data.tree) for data in [train_data, *extra]]
+    sets = [
+        TrainSet(data, transform, mean, std, train_data.tree, cache=d.cache_images)
+        for data in [train_data, *extra]
+    ]
     for i, pseudo in enumerate(d.pseudo):
         try:
             labels = PseudoLabels(pseudo.root, pseudo.images)
