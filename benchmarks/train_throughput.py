@@ -64,7 +64,7 @@ def measure(config_path: Path, overrides: list[str], threads: int, steps: int, w
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
-            precision=t.precision,
+            precision=t.precision,  # type: ignore[arg-type]  # Lightning checks the name
             max_epochs=1,
             limit_train_batches=warmup + steps,
             limit_val_batches=0,
@@ -137,8 +137,8 @@ def main() -> None:
         "Lightning fit loop with data loading and augmentation, validation off; "
         f"{args.steps} timed batches after {args.warmup} warm-up batches; median of "
         f"{args.rounds} interleaved round(s). Ratio: the median per-round ratio to the baseline "
-        "of the same round. Setup: reading the data and building the model; warm-up: the "
-        "warm-up batches (compilation included).",
+        "of the same round. Setup (reading the data, building the model) and warm-up (the "
+        "warm-up batches, compilation included): the last round's seconds.",
         "",
         "| config | overrides | encoder | crop | batch | workers | precision | images/s "
         "| ratio | setup s | warm-up s |",
