@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from person_vs_mediapipe import MEDIAPIPE_THRESHOLD, open_selfie, selfie_person
+from person_vs_mediapipe import MEDIAPIPE_THRESHOLD, open_selfie, run_record, selfie_person
 
 import hiseg
 from hiseg.data import open_dataset
@@ -101,16 +101,9 @@ def score(args: argparse.Namespace) -> None:
     minutes = (time.perf_counter() - start) / 60
     results = {name: {k: cm.scores()[k] for k in ("dice", "iou")} for name, cm in scores.items()}
     best = max(WEIGHTS, key=lambda w: results[f"blend, w = {w}"]["iou"])
-    command = (
-        f".venv-bench/bin/python benchmarks/mediapipe_teacher.py score --threads {args.threads}"
-        f" --data {os.path.relpath(args.data)} --split {args.split}"
-        f" --out {os.path.relpath(args.out)}"
-    )
+    head = f".venv-bench/bin/python benchmarks/mediapipe_teacher.py score --threads {args.threads}"
     meta = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d"),
-        "split": args.split,
-        "n_images": len(dataset),
+        **run_record(head, args, len(dataset)),
         "teacher": TEACHER,
         "mediapipe": MEDIAPIPE,
         "best_weight": best,
@@ -122,7 +115,7 @@ def score(args: argparse.Namespace) -> None:
     lines = [
         "# MediaPipe as an extra teacher: MediaPipe, hiseg's TTA teacher and their blends",
         "",
-        f"Produced by `{command}` on {meta['date']} in the benchmark venv "
+        f"Produced by `{meta['command']}` on {meta['date']} in the benchmark venv "
         f"(`make person-teacher`), {minutes:.1f} min,",
         f"`{args.data.name}` `{args.split}` ({len(dataset)} images), one confusion over the split "
         "(as `hiseg eval`).",
@@ -142,8 +135,8 @@ def score(args: argparse.Namespace) -> None:
         "and MediaPipe's alone:",
         "",
         "```bash",
-        f"{command.split(' score ')[0]} label -o {RUNS}/pseudo-mp-ens-soft",
-        f"{command.split(' score ')[0]} label --weight 1 -o {RUNS}/pseudo-mp-soft",
+        f"{meta['command'].split(' score ')[0]} label -o {RUNS}/pseudo-mp-ens-soft",
+        f"{meta['command'].split(' score ')[0]} label --weight 1 -o {RUNS}/pseudo-mp-soft",
         "```",
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -44,6 +44,21 @@ def selfie_person(selfie, image: np.ndarray) -> np.ndarray:
     return selfie.process(image).segmentation_mask
 
 
+def run_record(command_head: str, args, n_images: int) -> dict:
+    """The command (``command_head`` plus the data options every script here takes), date, split
+    and image count, as the benchmarks' JSON and Markdown files record them."""
+    command = (
+        f"{command_head} --data {os.path.relpath(args.data)} --split {args.split}"
+        f" --out {os.path.relpath(args.out)}"
+    )
+    return {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "split": args.split,
+        "n_images": n_images,
+    }
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
@@ -84,16 +99,9 @@ def main() -> None:
             "median_ms": float(np.median(times[name][1:])),
             "p90_ms": float(np.percentile(times[name][1:], 90)),
         }
-    command = (
-        f"python benchmarks/person_vs_mediapipe.py --model {args.model} --threads {args.threads}"
-        f" --data {os.path.relpath(args.data)} --split {args.split}"
-        f" --out {os.path.relpath(args.out)}"
-    )
+    head = f"python benchmarks/person_vs_mediapipe.py --model {args.model} --threads {args.threads}"
     meta = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d"),
-        "split": args.split,
-        "n_images": len(dataset),
+        **run_record(head, args, len(dataset)),
         "threads": args.threads,
         "machine": platform.machine(),
         "cores": os.cpu_count(),
@@ -103,7 +111,7 @@ def main() -> None:
     lines = [
         "# Person segmentation: hiseg vs MediaPipe selfie segmentation",
         "",
-        f"Produced by `{command}` on {meta['date']} "
+        f"Produced by `{meta['command']}` on {meta['date']} "
         f"({meta['cores']} cores, {args.threads} threads),",
         f"`{args.data.name}` `{args.split}` ({len(dataset)} images), one confusion over the split.",
         "Latency: one image end to end (preprocessing, network, upsampling, decision), first "
