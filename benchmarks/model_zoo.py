@@ -1,0 +1,108 @@
+"""The README's model-zoo table: size, val scores and end-to-end time of each part model, timed
+in one run so the time ratios to the first (fast) model are fair on a shared machine.
+
+Scores come from ``hiseg eval --json`` files (deterministic, so made once per model); time is
+``Predictor.predict`` on one real photo at the model's default 512 px long side, the models timed
+in turns (:func:`hiseg.bench.benchmark`).
+
+    python benchmarks/model_zoo.py \\
+        --zoo FAST_NAME:FAST.onnx:FAST_val.json --zoo LARGE_NAME:LARGE.onnx:LARGE_val.json \\
+        --image ../shared/data/pascal-person-part/JPEGImages/2008_000067.jpg \\
+        --out benchmarks/model_zoo.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from hiseg.bench import benchmark, cpu_name
+from hiseg.images import read_image
+
+
+def zoo_rows(
+    entries: list[tuple[str, Path, Path]], image: Path, threads: int, runs: int
+) -> list[dict]:
+    """One row per (name, model file, eval JSON): its scores, file size and median predict ms."""
+    timed = benchmark(
+        [m for _, m, _ in entries],
+        sizes=[512],
+        threads=threads,
+        runs=runs,
+        warmup=5,
+        image=read_image(image),
+    )
+    rows = []
+    for name, model, scores_json in entries:
+        ms = [
+            r["median_ms"]
+            for r in timed
+            if r["task"] == "predict" and r["model"].split("/")[-1] == model.name
+        ]
+        scores = json.loads(scores_json.read_text())
+        rows.append(
+            {
+                "name": name,
+                "mb": model.stat().st_size / 1e6,
+                "precision": next(r["precision"] for r in timed if r["model"].endswith(model.name)),
+                "miou": [scores["levels"][str(k)]["miou"] for k in range(3)],
+                "seven": scores["miou_all_with_background"],
+                "ms": ms[0],
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], command: str, image: Path) -> str:
+    fast = rows[0]["ms"]
+    lines = [
+        "# Model zoo: part models on Pascal-Person-Part val (353 images)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {cpu_name()}. Time: `Predictor.predict` on `{image.name}` at 512 px, "
+        "batch 1, median of the runs, the models timed in turns; the ratio is to the first row "
+        "in the same run.",
+        "",
+        "| model | size (MB) | precision | mIoU0 | mIoU1 | mIoU2 | 7-class with bg "
+        "| predict ms | x first |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m0, m1, m2 = r["miou"]
+        lines.append(
+            f"| `{r['name']}` | {r['mb']:.1f} | {r['precision']} | {m0:.3f} | {m1:.3f} | {m2:.3f} "
+            f"| {r['seven']:.3f} | {r['ms']:.1f} | {r['ms'] / fast:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--zoo",
+        action="append",
+        required=True,
+        metavar="NAME:MODEL:JSON",
+        help="a model's name, .onnx file and `hiseg eval --json` scores",
+    )
+    parser.add_argument("--image", type=Path, required=True, help="the photo to time on")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/model_zoo.md"))
+    args = parser.parse_args()
+    entries = []
+    for item in args.zoo:
+        name, model, scores = item.split(":")
+        entries.append((name, Path(model), Path(scores)))
+    rows = zoo_rows(entries, args.image, args.threads, args.runs)
+    command = "python benchmarks/model_zoo.py " + shlex.join(sys.argv[1:])
+    args.out.write_text(markdown(rows, command, args.image))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
