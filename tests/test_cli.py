@@ -54,6 +54,8 @@ def one_error_line(result, text: str) -> str:
         (["--scales", "nan"], "--scales must be between 0.25 and 4, not nan"),
         (["--scales", "1,0"], "--scales must be between 0.25 and 4, not 0"),
         (["--scales", "1,x"], "--scales must be numbers separated by commas, not '1,x'"),
+        (["--accurate", "--flip"], "--accurate already sets --flip and --scales"),
+        (["--accurate", "--scales", "1,2"], "--accurate already sets --flip and --scales"),
     ],
 )
 def test_predict_options_out_of_bounds(tmp_path, options, message):
@@ -91,6 +93,38 @@ def test_threads_are_clamped_to_the_cores(tmp_path, monkeypatch):
     cores = os.cpu_count()
     assert asked["threads"] == cores
     assert f"--threads 100000 lowered to the {cores} CPU cores" in result.output
+
+
+def test_accurate_is_flip_and_three_scales(tmp_path, monkeypatch):
+    """--accurate reaches hiseg.load, which turns it into flip + ACCURATE_SCALES; its label maps
+    are those of the options written out."""
+    import hiseg.predictor
+
+    made = []
+    real_load = hiseg.predictor.load
+
+    def load(*args, **kwargs):
+        made.append(real_load(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(hiseg.predictor, "load", load)
+    image = photo(tmp_path / "a.jpg", size=(48, 40))
+    for name, options in [
+        ("accurate", ["--accurate"]),
+        ("spelt", ["--flip", "--scales", "0.75,1,1.25"]),
+    ]:
+        result = cli("predict", image, *FAST, "-o", tmp_path / name, *options)
+        assert result.exit_code == 0, result.output
+    assert made[0].flip and made[0].scales == hiseg.predictor.ACCURATE_SCALES == (0.75, 1, 1.25)
+    first, second = (np.asarray(Image.open(tmp_path / d / "a.png")) for d in ("accurate", "spelt"))
+    assert np.array_equal(first, second)
+
+
+def test_accurate_with_other_scales_is_refused_by_the_api():
+    from hiseg.predictor import ModelError, load
+
+    with pytest.raises(ModelError, match="accurate sets the scales"):
+        load("person", accurate=True, scales=(1.0, 1.5))
 
 
 @pytest.mark.parametrize(

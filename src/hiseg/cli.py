@@ -237,6 +237,11 @@ LONG_SIDE = typer.Option(
 )
 FLIP = typer.Option(False, "--flip", help="Average with the mirrored image (TTA).")
 SCALES = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25.")
+ACCURATE = typer.Option(
+    False,
+    "--accurate",
+    help="Preset: --flip and --scales 0.75,1,1.25 (more accurate, about 7x slower).",
+)
 TILE = typer.Option(False, "--tile", help="Sliding windows on large images.")
 ZOOM = typer.Option(False, "--zoom", help="Second, zoomed-in pass on small people.")
 CLEAN = typer.Option(
@@ -262,7 +267,6 @@ WORKERS = typer.Option(
     help="With --engine ray: predictor actors (default: one per CPU of the cluster, or CPUs / "
     "--threads); each uses CPUs / workers threads unless --threads.",
 )
-
 
 
 def at_least(option: str, value: int | None, low: int) -> int | None:
@@ -303,24 +307,29 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def predictor_options(threads, long_side, scales, clean) -> dict[str, Any]:
-    """The shared numeric options of ``predict`` and ``eval``, each checked against its bounds
-    before any work starts (one error line otherwise)."""
+def predictor_options(threads, long_side, flip, scales, accurate, clean) -> dict[str, Any]:
+    """The shared options of ``predict``, ``eval`` and ``pseudo-label`` (``hiseg.load``'s
+    keywords), each checked against its bounds before any work starts (one error line
+    otherwise)."""
     at_least("--clean", clean, 0)
+    if accurate and (flip or scales != "1"):
+        raise fail("--accurate already sets --flip and --scales: give one or the other")
     return {
         "threads": cpu_threads(threads),
         "long_side": check_long_side("--long-side", long_side),
+        "flip": flip,
         "scales": parse_scales(scales),
+        "accurate": accurate,
         "clean": clean,
     }
 
 
-def load_predictor(model, backend, flip, tile, zoom, options: dict[str, Any]):
+def load_predictor(model, backend, tile, zoom, options: dict[str, Any]):
     """The predictor the options describe; a model that can't load is one error line (the
     handler of :class:`HisegGroup`)."""
     from hiseg.predictor import load
 
-    return load(model or None, backend=backend, flip=flip, tile=tile, zoom=zoom, **options)
+    return load(model or None, backend=backend, tile=tile, zoom=zoom, **options)
 
 
 @app.command("eval")
@@ -346,6 +355,7 @@ def evaluate(
     long_side: int | None = LONG_SIDE,
     flip: bool = FLIP,
     scales: str = SCALES,
+    accurate: bool = ACCURATE,
     tile: bool = TILE,
     zoom: bool = ZOOM,
     clean: int | None = CLEAN,
@@ -369,7 +379,7 @@ def evaluate(
         raise fail("--engine ray runs a model; --pred-dir is scored in this process")
     at_least("--limit", limit, 1)
     at_least("--worst", worst, 0)
-    options = predictor_options(threads, long_side, scales, clean)
+    options = predictor_options(threads, long_side, flip, scales, accurate, clean)
     for option, folder in (("--report", report), ("--save-pred", save_pred)):
         if folder is not None:
             writable_folder(folder, option)
@@ -384,7 +394,7 @@ def evaluate(
         else:
             from hiseg.evaluation import evaluate_model
 
-            predictor = load_predictor(model, backend, flip, tile, zoom, options)
+            predictor = load_predictor(model, backend, tile, zoom, options)
             if not predictor.tree.same_as(dataset.tree):
                 console.print(
                     f"the model's tree '{predictor.tree.name}' differs from the data's "
@@ -396,8 +406,8 @@ def evaluate(
                 if engine == "ray":
                     from hiseg.distributed import evaluate_on_ray
 
-                    load_options = {"model": model, "backend": backend, "flip": flip}
-                    load_options.update(tile=tile, zoom=zoom, **options)
+                    load_options = {"model": model, "backend": backend, "tile": tile}
+                    load_options.update(zoom=zoom, **options)
                     result = evaluate_on_ray(
                         dataset, load_options, limit, worst, save_pred, address, workers, advance
                     )
@@ -563,6 +573,7 @@ def predict_command(
     long_side: int | None = LONG_SIDE,
     flip: bool = FLIP,
     scales: str = SCALES,
+    accurate: bool = ACCURATE,
     tile: bool = TILE,
     zoom: bool = ZOOM,
     clean: int | None = CLEAN,
@@ -596,9 +607,9 @@ def predict_command(
     at_least("--max-frames", max_frames, 1)
     if smooth_strength is not None:
         in_range("--smooth-strength", smooth_strength, 0.0, 0.95)
-    options = predictor_options(threads, long_side, scales, clean)
+    options = predictor_options(threads, long_side, flip, scales, accurate, clean)
     if check_engine(engine, address, workers) == "ray":
-        load_options = {"model": model or None, "backend": backend, "flip": flip, "tile": tile}
+        load_options = {"model": model or None, "backend": backend, "tile": tile}
         load_options.update(zoom=zoom, **options)
         predict_with_ray(texts, out, levels, summary, load_options, address, workers)
         return
@@ -606,7 +617,7 @@ def predict_command(
     if out.resolve() in {folder.resolve() for folder in found.folders}:
         raise fail(f"--out {out} is also an input folder: its results would become inputs")
     saver = Saver(out, levels=levels, summary=summary)
-    predictor = load_predictor(model, backend, flip, tile, zoom, options)
+    predictor = load_predictor(model, backend, tile, zoom, options)
     sources = found.sources
     smoother = None
     if smooth:
@@ -676,6 +687,7 @@ def pseudo_label_command(
     long_side: int | None = LONG_SIDE,
     flip: bool = FLIP,
     scales: str = SCALES,
+    accurate: bool = ACCURATE,
     clean: int | None = CLEAN,
 ) -> None:
     """Label unlabelled photos with a teacher (one model or an ensemble, with flip/scales TTA)
@@ -690,8 +702,8 @@ def pseudo_label_command(
     if not 0 < threshold <= 1:
         raise fail(f"--threshold must be above 0 and at most 1, not {threshold:g}")
     at_least("--limit", limit, 1)
-    options = predictor_options(threads, long_side, scales, clean)
-    predictor = load_predictor(model, backend, flip, False, False, options)
+    options = predictor_options(threads, long_side, flip, scales, accurate, clean)
+    predictor = load_predictor(model, backend, False, False, options)
     total = len(list_photos(data)[0]) if data.is_dir() else 0
     with progress_bar(min(total, limit or total), "pseudo-labelling") as advance:
         report = pseudo_label(predictor, data, out, mode, threshold, limit, advance)
@@ -848,8 +860,11 @@ def bench_command(
 @app.command("serve")
 def serve_command(
     model: list[str] | None = typer.Option(
-        None, "--model", "-m", help="Model to serve (name or .onnx); repeat for several (default: "
-        "every bundled model, the first is the default)."
+        None,
+        "--model",
+        "-m",
+        help="Model to serve (name or .onnx); repeat for several (default: "
+        "every bundled model, the first is the default).",
     ),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),

@@ -44,6 +44,8 @@ from hiseg.visualize import overlay_with_legend
 __all__ = ["METADATA_KEY", "Backend", "ModelError", "Predictor", "Result", "load"]
 
 DEFAULT_MODEL = "pascal-person-part"
+#: Test-time scales of the "accurate" preset (with flip): the best set measured on Pascal val.
+ACCURATE_SCALES = (0.75, 1.0, 1.25)
 #: Tiling starts when the image's long side exceeds the model size by this factor.
 TILE_FACTOR = 1.5
 #: A zoom-in is skipped unless the crop is seen at least this much larger than in the full pass.
@@ -497,10 +499,17 @@ def load(
     zoom: bool = False,
     clean: int | None = None,
     memory_arena: bool = True,
+    accurate: bool = False,
 ) -> Predictor:
     """A predictor for a bundled model name, an ``.onnx`` file, a ``.ckpt`` checkpoint, or a
     list of them (an ensemble). ``None`` is the default bundled model. ``memory_arena``: see
-    :func:`onnx_backend`."""
+    :func:`onnx_backend`. ``accurate``: the flip + :data:`ACCURATE_SCALES` preset (on the
+    bundled part model +1.6 points of mIoU2 at about 7x the time, benchmarks/part_probes.md);
+    it replaces ``flip`` and ``scales``, so giving scales too is refused."""
+    if accurate:
+        if tuple(scales) != (1.0,):
+            raise ModelError(f"accurate sets the scales to {ACCURATE_SCALES}; got scales {scales}")
+        flip, scales = True, ACCURATE_SCALES
     names = [model] if model is None or isinstance(model, (str, Path)) else list(model)
     backends = [load_backend(name, backend, threads, memory_arena) for name in names]
     return Predictor(
