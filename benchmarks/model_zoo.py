@@ -37,23 +37,30 @@ def zoo_rows(
     )
     rows = []
     for name, model, scores_json in entries:
-        ms = [
-            r["median_ms"]
-            for r in timed
-            if r["task"] == "predict" and r["model"].split("/")[-1] == model.name
-        ]
+        predict = predict_row(timed, model)
         scores = json.loads(scores_json.read_text())
         rows.append(
             {
                 "name": name,
                 "mb": model.stat().st_size / 1e6,
-                "precision": next(r["precision"] for r in timed if r["model"].endswith(model.name)),
+                "precision": predict["precision"],
                 "miou": [scores["levels"][str(k)]["miou"] for k in range(3)],
                 "seven": scores["miou_all_with_background"],
-                "ms": ms[0],
+                "ms": predict["median_ms"],
             }
         )
     return rows
+
+
+def predict_row(timed: list[dict], model: Path) -> dict:
+    """``model``'s predict timing. The benchmark labels a file by its name, or folder/name when
+    two files share a name (two runs' model.onnx): matching the name alone would give both
+    models the first one's time."""
+    labels = {model.name, f"{model.parent.name}/{model.name}"}
+    found = [r for r in timed if r["task"] == "predict" and r["model"] in labels]
+    if len(found) != 1:
+        raise SystemExit(f"{model}: {len(found)} predict timings match it; rename or move it")
+    return found[0]
 
 
 def markdown(rows: list[dict], command: str, image: Path) -> str:
@@ -96,8 +103,15 @@ def main() -> None:
     args = parser.parse_args()
     entries = []
     for item in args.zoo:
-        name, model, scores = item.split(":")
-        entries.append((name, Path(model), Path(scores)))
+        parts = item.split(":")
+        if len(parts) != 3:
+            parser.error(f"--zoo takes NAME:MODEL:JSON, not {item!r}")
+        name, model, scores = parts[0], Path(parts[1]), Path(parts[2])
+        if model.suffix != ".onnx" or not model.is_file():
+            parser.error(f"--zoo {item}: {model} is not an .onnx file (only those are timed)")
+        if not scores.is_file():
+            parser.error(f"--zoo {item}: no scores file {scores}")
+        entries.append((name, model, scores))
     rows = zoo_rows(entries, args.image, args.threads, args.runs)
     command = "python benchmarks/model_zoo.py " + shlex.join(sys.argv[1:])
     args.out.write_text(markdown(rows, command, args.image))
