@@ -27,10 +27,12 @@ def curves(client: MlflowClient, run_name: str) -> list[tuple[int, list[float]]]
     for key in KEYS:
         for m in client.get_metric_history(runs[0].info.run_id, key):
             by_step.setdefault(m.step, {})[key] = m.value
+    complete = [(step, v) for step, v in sorted(by_step.items()) if len(v) == len(KEYS)]
+    if not complete:  # e.g. a person run (one level): its curves would be silently empty
+        raise SystemExit(f"run {run_name!r} logged no validation with all of {', '.join(KEYS)}")
     return [
         (step, [v[k] for k in KEYS[:3]] + [(6 * v["val/miou2"] + v["val/iou2/background"]) / 7])
-        for step, v in sorted(by_step.items())
-        if len(v) == len(KEYS)
+        for step, v in complete
     ]
 
 
