@@ -127,6 +127,20 @@ def test_accurate_with_other_scales_is_refused_by_the_api():
         load("person", accurate=True, scales=(1.0, 1.5))
 
 
+def test_accurate_reaches_the_ray_actors(tmp_path, monkeypatch):
+    """--engine ray builds the actors' ``load`` keywords itself (no cluster started here)."""
+    import hiseg.cli
+    from hiseg.predictor import ACCURATE_SCALES, load
+
+    handed = {}
+    monkeypatch.setattr(hiseg.cli, "predict_with_ray", lambda *args: handed.update(args[4]))
+    image = photo(tmp_path / "a.jpg")
+    result = cli("predict", image, *FAST, "-o", tmp_path / "out", "--engine", "ray", "--accurate")
+    assert result.exit_code == 0, result.output
+    predictor = load(**handed)
+    assert predictor.flip and predictor.scales == ACCURATE_SCALES
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -34,6 +34,7 @@ from hiseg.pipeline import LONG_SIDE_RANGE, SCALE_RANGE
 from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
 
 if TYPE_CHECKING:
+    from hiseg.predictor import Predictor
     from hiseg.runner import RunReport
 
 
@@ -307,10 +308,18 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def predictor_options(threads, long_side, flip, scales, accurate, clean) -> dict[str, Any]:
+def predictor_options(
+    threads: int | None,
+    long_side: int | None,
+    flip: bool,
+    scales: str,
+    accurate: bool,
+    clean: int | None,
+) -> dict[str, Any]:
     """The shared options of ``predict``, ``eval`` and ``pseudo-label`` (``hiseg.load``'s
     keywords), each checked against its bounds before any work starts (one error line
-    otherwise)."""
+    otherwise). ``--accurate`` with ``--flip`` / ``--scales`` is refused rather than merged, so
+    the preset always means the one measured setting."""
     at_least("--clean", clean, 0)
     if accurate and (flip or scales != "1"):
         raise fail("--accurate already sets --flip and --scales: give one or the other")
@@ -324,7 +333,9 @@ def predictor_options(threads, long_side, flip, scales, accurate, clean) -> dict
     }
 
 
-def load_predictor(model, backend, tile, zoom, options: dict[str, Any]):
+def load_predictor(
+    model: list[str] | None, backend: str, tile: bool, zoom: bool, options: dict[str, Any]
+) -> Predictor:
     """The predictor the options describe; a model that can't load is one error line (the
     handler of :class:`HisegGroup`)."""
     from hiseg.predictor import load
