@@ -2,7 +2,7 @@
 in one run so the time ratios to the first (fast) model are fair on a shared machine.
 
 Scores come from ``hiseg eval --json`` files (deterministic, so made once per model); time is
-``Predictor.predict`` on one real photo at the model's default 512 px long side, the models timed
+``Predictor.predict`` on one real photo at 512 px long side (both part models' default), the models timed
 in turns (:func:`hiseg.bench.benchmark`).
 
     python benchmarks/model_zoo.py \\

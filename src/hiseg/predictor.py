@@ -44,7 +44,8 @@ from hiseg.visualize import overlay_with_legend
 __all__ = ["METADATA_KEY", "Backend", "ModelError", "Predictor", "Result", "load"]
 
 DEFAULT_MODEL = "pascal-person-part"
-#: Test-time scales of the "accurate" preset (with flip): the best set measured on Pascal val.
+#: Test-time scales of the "accurate" preset (with flip): of the two sets measured on Pascal val
+#: (benchmarks/part_probes.md) the one with the higher part-level mIoU.
 ACCURATE_SCALES = (0.75, 1.0, 1.25)
 #: Tiling starts when the image's long side exceeds the model size by this factor.
 TILE_FACTOR = 1.5
