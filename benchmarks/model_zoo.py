@@ -2,8 +2,8 @@
 in one run so the time ratios to the first (fast) model are fair on a shared machine.
 
 Scores come from ``hiseg eval --json`` files (deterministic, so made once per model); time is
-``Predictor.predict`` on one real photo at 512 px long side (both part models' default), the models timed
-in turns (:func:`hiseg.bench.benchmark`).
+``Predictor.predict`` on one real photo at a 512 px long side (both part models' default), the
+models timed in turns (:func:`hiseg.bench.benchmark`).
 
     python benchmarks/model_zoo.py \\
         --zoo FAST_NAME:FAST.onnx:FAST_val.json --zoo LARGE_NAME:LARGE.onnx:LARGE_val.json \\
