@@ -112,12 +112,16 @@ def test_accurate_is_flip_and_three_scales(tmp_path, monkeypatch):
     for name, options in [
         ("accurate", ["--accurate"]),
         ("spelt", ["--flip", "--scales", "0.75,1,1.25"]),
+        ("default_scale", ["--accurate", "--scales", "1.0"]),  # the default, however written
     ]:
         result = cli("predict", image, *FAST, "-o", tmp_path / name, *options)
         assert result.exit_code == 0, result.output
     assert made[0].flip and made[0].scales == hiseg.predictor.ACCURATE_SCALES == (0.75, 1, 1.25)
-    first, second = (np.asarray(Image.open(tmp_path / d / "a.png")) for d in ("accurate", "spelt"))
-    assert np.array_equal(first, second)
+    first, *others = (
+        np.asarray(Image.open(tmp_path / d / "a.png"))
+        for d in ("accurate", "spelt", "default_scale")
+    )
+    assert all(np.array_equal(first, other) for other in others)
 
 
 def test_accurate_with_other_scales_is_refused_by_the_api():

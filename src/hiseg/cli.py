@@ -321,13 +321,14 @@ def predictor_options(
     otherwise). ``--accurate`` with ``--flip`` / ``--scales`` is refused rather than merged, so
     the preset always means the one measured setting."""
     at_least("--clean", clean, 0)
-    if accurate and (flip or scales != "1"):
+    parsed = parse_scales(scales)
+    if accurate and (flip or parsed != (1.0,)):
         raise fail("--accurate already sets --flip and --scales: give one or the other")
     return {
         "threads": cpu_threads(threads),
         "long_side": check_long_side("--long-side", long_side),
         "flip": flip,
-        "scales": parse_scales(scales),
+        "scales": parsed,
         "accurate": accurate,
         "clean": clean,
     }
