@@ -418,8 +418,8 @@ def evaluate(
                 if engine == "ray":
                     from hiseg.distributed import evaluate_on_ray
 
-                    load_options = {"model": model, "backend": backend, "tile": tile}
-                    load_options.update(zoom=zoom, **options)
+                    load_options = {"model": model, "backend": backend, "tile": tile, "zoom": zoom}
+                    load_options.update(options)
                     result = evaluate_on_ray(
                         dataset, load_options, limit, worst, save_pred, address, workers, advance
                     )
@@ -621,8 +621,8 @@ def predict_command(
         in_range("--smooth-strength", smooth_strength, 0.0, 0.95)
     options = predictor_options(threads, long_side, flip, scales, accurate, clean)
     if check_engine(engine, address, workers) == "ray":
-        load_options = {"model": model or None, "backend": backend, "tile": tile}
-        load_options.update(zoom=zoom, **options)
+        load_options = {"model": model or None, "backend": backend, "tile": tile, "zoom": zoom}
+        load_options.update(options)
         predict_with_ray(texts, out, levels, summary, load_options, address, workers)
         return
     found = expand_sources(texts)
