@@ -144,6 +144,11 @@ def test_eval_prediction_dir(tmp_path):
     assert result.exit_code == 1
     assert ids[3] in result.output and "no prediction" in result.output
 
+    # model options would be silently ignored on saved label maps: refused, named
+    result = runner.invoke(app, [*args, "--accurate", "--long-side", "640"])
+    assert result.exit_code == 2
+    assert "--long-side, --accurate apply to a model" in " ".join(result.output.split())
+
 
 def check(*args: str):
     return runner.invoke(app, ["data", "check", *map(str, args)])

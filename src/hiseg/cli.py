@@ -308,40 +308,59 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def predictor_options(
+def load_options(
+    model: list[str] | None,
+    backend: str,
     threads: int | None,
     long_side: int | None,
     flip: bool,
     scales: str,
     accurate: bool,
     clean: int | None,
+    tile: bool = False,
+    zoom: bool = False,
 ) -> dict[str, Any]:
-    """The shared options of ``predict``, ``eval`` and ``pseudo-label`` (``hiseg.load``'s
-    keywords), each checked against its bounds before any work starts (one error line
-    otherwise). ``--accurate`` with ``--flip`` / ``--scales`` is refused rather than merged, so
-    the preset always means the one measured setting."""
+    """:func:`hiseg.load`'s keywords from the shared options of ``predict``, ``eval`` and
+    ``pseudo-label`` (the local and the Ray engines load from the same dict), each checked against
+    its bounds before any work starts (one error line otherwise). ``--accurate`` with ``--flip`` /
+    ``--scales`` is refused rather than merged, so the preset always means the one measured
+    setting."""
     at_least("--clean", clean, 0)
     parsed = parse_scales(scales)
     if accurate and (flip or parsed != (1.0,)):
         raise fail("--accurate already sets --flip and --scales: give one or the other")
     return {
+        "model": model or None,
+        "backend": backend,
         "threads": cpu_threads(threads),
         "long_side": check_long_side("--long-side", long_side),
         "flip": flip,
         "scales": parsed,
         "accurate": accurate,
         "clean": clean,
+        "tile": tile,
+        "zoom": zoom,
     }
 
 
-def load_predictor(
-    model: list[str] | None, backend: str, tile: bool, zoom: bool, options: dict[str, Any]
-) -> Predictor:
-    """The predictor the options describe; a model that can't load is one error line (the
-    handler of :class:`HisegGroup`)."""
+# The prediction options' defaults as load_options gives them, by flag (threads aside: resolved).
+PREDICTION_DEFAULTS: dict[str, tuple[str, Any]] = {
+    "--long-side": ("long_side", None),
+    "--flip": ("flip", False),
+    "--scales": ("scales", (1.0,)),
+    "--accurate": ("accurate", False),
+    "--clean": ("clean", None),
+    "--tile": ("tile", False),
+    "--zoom": ("zoom", False),
+}
+
+
+def load_predictor(options: dict[str, Any]) -> Predictor:
+    """The predictor :func:`load_options` describes; a model that can't load is one error line
+    (the handler of :class:`HisegGroup`)."""
     from hiseg.predictor import load
 
-    return load(model or None, backend=backend, tile=tile, zoom=zoom, **options)
+    return load(**options)
 
 
 @app.command("eval")
@@ -391,7 +410,15 @@ def evaluate(
         raise fail("--engine ray runs a model; --pred-dir is scored in this process")
     at_least("--limit", limit, 1)
     at_least("--worst", worst, 0)
-    options = predictor_options(threads, long_side, flip, scales, accurate, clean)
+    options = load_options(
+        model, backend, threads, long_side, flip, scales, accurate, clean, tile, zoom
+    )
+    if pred_dir is not None:
+        given = [
+            flag for flag, (key, default) in PREDICTION_DEFAULTS.items() if options[key] != default
+        ]
+        if given:
+            raise fail(f"--pred-dir scores saved label maps: {', '.join(given)} apply to a model")
     for option, folder in (("--report", report), ("--save-pred", save_pred)):
         if folder is not None:
             writable_folder(folder, option)
@@ -406,7 +433,7 @@ def evaluate(
         else:
             from hiseg.evaluation import evaluate_model
 
-            predictor = load_predictor(model, backend, tile, zoom, options)
+            predictor = load_predictor(options)
             if not predictor.tree.same_as(dataset.tree):
                 console.print(
                     f"the model's tree '{predictor.tree.name}' differs from the data's "
@@ -418,10 +445,8 @@ def evaluate(
                 if engine == "ray":
                     from hiseg.distributed import evaluate_on_ray
 
-                    load_options = {"model": model, "backend": backend, "tile": tile, "zoom": zoom}
-                    load_options.update(options)
                     result = evaluate_on_ray(
-                        dataset, load_options, limit, worst, save_pred, address, workers, advance
+                        dataset, options, limit, worst, save_pred, address, workers, advance
                     )
                 else:
                     result = evaluate_model(
@@ -530,17 +555,16 @@ def check_engine(engine: str, address: str | None, workers: int | None) -> str:
     return engine
 
 
-def predict_with_ray(texts, out, levels, summary, load_options, address, workers) -> None:
+def predict_with_ray(texts, out, levels, summary, options, address, workers) -> None:
     """``hiseg predict --engine ray``: the local engine's outputs and printout, plus the skipped
     inputs (finished by an earlier run) and failed.csv."""
     from hiseg.distributed import predict_on_ray
-    from hiseg.predictor import load
     from hiseg.runner import Saver
 
-    load(**load_options)  # a model that can't load is one error line before any cluster starts
+    load_predictor(options)  # a model that can't load is one error line before any cluster starts
     saver = Saver(out, levels=levels, summary=summary)
     with progress_bar(0, "segmenting on Ray") as advance:
-        job = predict_on_ray(texts, saver, load_options, address, workers, lambda: advance(1))
+        job = predict_on_ray(texts, saver, options, address, workers, lambda: advance(1))
     report = job.report
     summary_path = saver.write_summary(report, job.inputs)
     if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
@@ -619,17 +643,17 @@ def predict_command(
     at_least("--max-frames", max_frames, 1)
     if smooth_strength is not None:
         in_range("--smooth-strength", smooth_strength, 0.0, 0.95)
-    options = predictor_options(threads, long_side, flip, scales, accurate, clean)
+    options = load_options(
+        model, backend, threads, long_side, flip, scales, accurate, clean, tile, zoom
+    )
     if check_engine(engine, address, workers) == "ray":
-        load_options = {"model": model or None, "backend": backend, "tile": tile, "zoom": zoom}
-        load_options.update(options)
-        predict_with_ray(texts, out, levels, summary, load_options, address, workers)
+        predict_with_ray(texts, out, levels, summary, options, address, workers)
         return
     found = expand_sources(texts)
     if out.resolve() in {folder.resolve() for folder in found.folders}:
         raise fail(f"--out {out} is also an input folder: its results would become inputs")
     saver = Saver(out, levels=levels, summary=summary)
-    predictor = load_predictor(model, backend, tile, zoom, options)
+    predictor = load_predictor(options)
     sources = found.sources
     smoother = None
     if smooth:
@@ -714,8 +738,8 @@ def pseudo_label_command(
     if not 0 < threshold <= 1:
         raise fail(f"--threshold must be above 0 and at most 1, not {threshold:g}")
     at_least("--limit", limit, 1)
-    options = predictor_options(threads, long_side, flip, scales, accurate, clean)
-    predictor = load_predictor(model, backend, False, False, options)
+    options = load_options(model, backend, threads, long_side, flip, scales, accurate, clean)
+    predictor = load_predictor(options)
     total = len(list_photos(data)[0]) if data.is_dir() else 0
     with progress_bar(min(total, limit or total), "pseudo-labelling") as advance:
         report = pseudo_label(predictor, data, out, mode, threshold, limit, advance)
