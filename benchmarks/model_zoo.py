@@ -3,7 +3,7 @@ in one run so the time ratios to the first (fast) model are fair on a shared mac
 
 Scores come from ``hiseg eval --json`` files (deterministic, so made once per model); time is
 ``Predictor.predict`` on one real photo at a 512 px long side (both part models' default), the
-models timed in turns (:func:`hiseg.bench.benchmark`).
+models timed in turns (:func:`hiseg.bench.time_interleaved`).
 
     python benchmarks/model_zoo.py \\
         --zoo FAST_NAME:FAST.onnx:FAST_val.json --zoo LARGE_NAME:LARGE.onnx:LARGE_val.json \\
@@ -16,51 +16,39 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
-from hiseg.bench import benchmark, cpu_name
+from hiseg.bench import cpu_name, time_interleaved
 from hiseg.images import read_image
+from hiseg.predictor import load
 
 
 def zoo_rows(
     entries: list[tuple[str, Path, Path]], image: Path, threads: int, runs: int
 ) -> list[dict]:
     """One row per (name, model file, eval JSON): its scores, file size and median predict ms."""
-    timed = benchmark(
-        [m for _, m, _ in entries],
-        sizes=[512],
-        threads=threads,
-        runs=runs,
-        warmup=5,
-        image=read_image(image),
-    )
+    photo = read_image(image)
+    predictors = [load(model, threads=threads, long_side=512) for _, model, _ in entries]
+    times = time_interleaved([partial(p.predict, photo) for p in predictors], runs, warmup=5)
     rows = []
-    for name, model, scores_json in entries:
-        predict = predict_row(timed, model)
+    for (name, model, scores_json), predictor, model_times in zip(
+        entries, predictors, times, strict=True
+    ):
         scores = json.loads(scores_json.read_text())
         rows.append(
             {
                 "name": name,
                 "mb": model.stat().st_size / 1e6,
-                "precision": predict["precision"],
+                "precision": predictor.backends[0].spec.precision,
                 "miou": [scores["levels"][str(k)]["miou"] for k in range(3)],
                 "seven": scores["miou_all_with_background"],
-                "ms": predict["median_ms"],
+                "ms": statistics.median(model_times),
             }
         )
     return rows
-
-
-def predict_row(timed: list[dict], model: Path) -> dict:
-    """``model``'s predict timing. The benchmark labels a file by its name, or folder/name when
-    two files share a name (two runs' model.onnx): matching the name alone would give both
-    models the first one's time."""
-    labels = {model.name, f"{model.parent.name}/{model.name}"}
-    found = [r for r in timed if r["task"] == "predict" and r["model"] in labels]
-    if len(found) != 1:
-        raise SystemExit(f"{model}: {len(found)} predict timings match it; rename or move it")
-    return found[0]
 
 
 def markdown(rows: list[dict], command: str, image: Path) -> str:

@@ -109,7 +109,7 @@ def benchmark(
                 jobs.append(
                     ({**row, "task": "predict", "input": shape}, partial(predictor.predict, photo))
                 )
-    times = _time_interleaved([fn for _, fn in jobs], runs, warmup)
+    times = time_interleaved([fn for _, fn in jobs], runs, warmup)
     return [{**row, **_stats(t)} for (row, _), t in zip(jobs, times, strict=True)]
 
 
@@ -152,7 +152,7 @@ def _random_input(rng: np.random.Generator, size: int, backend: Backend) -> np.n
     return prepare(image, backend.spec, size)[0][None]
 
 
-def _time_interleaved(
+def time_interleaved(
     fns: Sequence[Callable[[], object]], runs: int, warmup: int
 ) -> list[list[float]]:
     """Milliseconds per call of each of ``fns``, taken in turns (one call of each per round), so
