@@ -174,7 +174,8 @@ def test_training_validation_scores_what_predict_gives(tiny_checkpoint, tiny_dat
     [
         ({"long_side": -5}, "long_side must be between 32 and 4096"),
         ({"long_side": 100000}, "long_side must be between 32 and 4096"),
-        ({"scales": (1.0, float("nan"))}, "scales must lie in"),
+        ({"scales": (1.0, float("nan"))}, "scales must be one or more in"),
+        ({"scales": ()}, "scales must be one or more in"),
         ({"clean": -1}, "clean must be 0"),
         ({"threads": 0}, "threads must be at least 1"),
     ],

@@ -290,8 +290,11 @@ class Predictor:
         low, high = LONG_SIDE_RANGE
         if long_side is not None and not low <= long_side <= high:
             raise ModelError(f"long_side must be between {low} and {high} pixels, not {long_side}")
-        if not all(SCALE_RANGE[0] <= s <= SCALE_RANGE[1] for s in scales):  # refuses NaN too
-            raise ModelError(f"scales must lie in {SCALE_RANGE[0]}..{SCALE_RANGE[1]}, not {scales}")
+        if not scales or not all(SCALE_RANGE[0] <= s <= SCALE_RANGE[1] for s in scales):
+            # NaN fails the comparison; no scale at all would leave nothing to average
+            raise ModelError(
+                f"scales must be one or more in {SCALE_RANGE[0]}..{SCALE_RANGE[1]}, not {scales}"
+            )
         if clean is not None and clean < 0:
             raise ModelError(f"clean must be 0 (off) or a region size in pixels, not {clean}")
         self.backends = list(backends)
