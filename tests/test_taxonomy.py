@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import numpy as np
@@ -121,6 +122,11 @@ def test_nested_and_flat_yaml_give_the_same_tree(tmp_path):
             "unknown parent 'nope'",
         ),
         ([{"name": "background", "value": 0}, {"name": "x", "value": 255}], "values must lie"),
+        # malformed entries of a hand-written file: one line each, never a ValueError/TypeError
+        ([{"name": "background", "value": 0}, {"name": "x", "value": "one"}], "whole number"),
+        ([{"name": "background", "value": 0, "color": 5}], "color must be three whole"),
+        ([{"name": "background", "value": 0, "color": ["a", 0, 0]}], "color must be three"),
+        ([{"name": "background", "value": 0}, {"name": "x", "value": 1, "parent": [1]}], "parent"),
     ],
 )
 def test_invalid_trees_name_the_fault(tmp_path, nodes, message):
@@ -129,6 +135,26 @@ def test_invalid_trees_name_the_fault(tmp_path, nodes, message):
     with pytest.raises(TreeError, match=message) as err:
         load_tree(path)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value_map, message",
+    [([255, 1], "value_map must be a mapping"), ({"x": 1}, "entry 'x'"), ({1000: 1}, "entry 1000")],
+)
+def test_malformed_value_map_is_named(tmp_path, value_map, message):
+    path = tmp_path / "bad.yaml"
+    nodes = [{"name": "background", "value": 0}, {"name": "person", "value": 1}]
+    path.write_text(yaml.safe_dump({"name": "bad", "nodes": nodes, "value_map": value_map}))
+    with pytest.raises(TreeError, match=message) as err:
+        load_tree(path)
+    assert str(path) in str(err.value)
+
+
+def test_value_map_keys_written_as_text_still_read():
+    """A tree read back from JSON (a model's spec, a pseudo-label manifest) has text keys."""
+    tree = load_tree("person")
+    again = Tree.from_dict(json.loads(json.dumps(tree.to_dict())))
+    assert again.value_map == {255: 1} and again.same_as(tree)
 
 
 def test_unknown_tree_name_lists_builtins():

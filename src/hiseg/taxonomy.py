@@ -130,7 +130,7 @@ class Tree:
             else:
                 node.parent = by_name[parent_name]
             node.parent.children.append(node)
-        value_map = {int(k): int(v) for k, v in (spec.get("value_map") or {}).items()}
+        value_map = _value_map(spec.get("value_map") or {}, source)
         try:
             return cls(str(spec.get("name", Path(source).stem)), root, value_map)
         except TreeError as err:
@@ -424,20 +424,58 @@ def _collect_nodes(
     unknown = set(item) - {"name", "value", "color", "children", "parent"}
     if unknown:
         raise TreeError(f"{source}: node '{item['name']}' has unknown keys {sorted(unknown)}")
-    color = item.get("color")
-    if color is not None and (len(color) != 3 or not all(0 <= int(c) <= 255 for c in color)):
-        raise TreeError(f"{source}: node '{item['name']}' color must be three values 0..255")
+    color, value, parent_name = item.get("color"), item.get("value"), item.get("parent")
+    if color is not None and (
+        not isinstance(color, list | tuple)
+        or len(color) != 3
+        or not all(_is_int(c) and 0 <= c <= 255 for c in color)
+    ):
+        raise TreeError(
+            f"{source}: node '{item['name']}' color must be three whole numbers 0..255, "
+            f"not {color!r}"
+        )
+    if value is not None and not _is_int(value):
+        raise TreeError(
+            f"{source}: node '{item['name']}' value must be a whole number, not {value!r}"
+        )
+    if parent_name is not None and not isinstance(parent_name, str):
+        raise TreeError(
+            f"{source}: node '{item['name']}' parent must be a name, not {parent_name!r}"
+        )
     node = Node(
         name=str(item["name"]),
-        value=None if item.get("value") is None else int(item["value"]),
-        color=None if color is None else (int(color[0]), int(color[1]), int(color[2])),
+        value=value,
+        color=None if color is None else (color[0], color[1], color[2]),
     )
     if parent is not None:
         node.parent = parent
         parent.children.append(node)
-    out.append((node, item.get("parent")))
+    out.append((node, parent_name))
     for child in item.get("children") or []:
         _collect_nodes(child, node, out, source)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _value_map(raw: Any, source: str) -> dict[int, int]:
+    """``value_map`` as ints; keys may be text (JSON object keys are, e.g. in a model's spec)."""
+    if not isinstance(raw, Mapping):
+        raise TreeError(
+            f"{source}: value_map must be a mapping raw value -> leaf value, not {raw!r}"
+        )
+    out = {}
+    for key, value in raw.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if not (_is_int(key) and 0 <= key <= 255 and _is_int(value)):
+            raise TreeError(
+                f"{source}: value_map entry {key!r}: {value!r} must map a mask value 0..255 "
+                "to a leaf value"
+            )
+        out[key] = value
+    return out
 
 
 def builtin_trees() -> list[str]:
