@@ -287,3 +287,14 @@ def test_unreadable_checkpoints_are_one_clear_error(tmp_path, content, reason):
         path.write_bytes(content)
     with pytest.raises(models.ModelError, match=reason):
         models.load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("field", "value"), [("arch", "nonet"), ("encoder", "no_such_encoder")])
+def test_a_checkpoint_of_an_unknown_model_is_one_clear_error(tree, tmp_path, field, value):
+    """E.g. a checkpoint from a newer hiseg: a ModelError naming the file, not a ValueError."""
+    model = create_model("fpn", LITE0, tree, pretrained=False)
+    spec = dataclasses.replace(model.spec(256), **{field: value})
+    path = tmp_path / "foreign.ckpt"
+    _checkpoint(path, model, spec.to_json())
+    with pytest.raises(models.ModelError, match=rf"foreign\.ckpt: .*'{value}'"):
+        models.load_checkpoint(path)

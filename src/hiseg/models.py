@@ -245,7 +245,10 @@ def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
     if not isinstance(weights, dict):
         raise ModelError(f"{path}: no 'state_dict' of weights")
     state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    model = model_from_spec(spec)
+    try:
+        model = model_from_spec(spec)
+    except ValueError as err:  # an architecture or encoder this hiseg does not know
+        raise ModelError(f"{path}: its model cannot be built here ({err})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
