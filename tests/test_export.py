@@ -12,7 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import hiseg  # noqa: E402
-from hiseg.bench import _time_interleaved, benchmark, write_markdown  # noqa: E402
+from hiseg.bench import benchmark, time_interleaved, write_markdown  # noqa: E402
 from hiseg.data import open_dataset  # noqa: E402
 from hiseg.export import (  # noqa: E402
     MAX_MIOU_DROP,
@@ -184,7 +184,7 @@ def test_onnx_prediction_never_imports_torch(onnx_path, val):
 
 def test_benchmark_rows_are_timed_in_turns():
     calls = []
-    times = _time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3, 1)
+    times = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3, 1)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then one of each per round
     assert [len(t) for t in times] == [3, 3]
 
