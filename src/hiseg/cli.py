@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -171,6 +170,8 @@ def data_stats(
     out: Path = typer.Option(Path("runs/stats"), help="Folder for the PNG and JSON."),
 ) -> None:
     """Image sizes, pixel share per node per level, and person sizes, as tables and a PNG."""
+    from hiseg.runner import json_writer, publish
+
     for dataset in _datasets(path, split, format):
         name = dataset.split
         if not len(dataset):
@@ -181,7 +182,7 @@ def data_stats(
         _print_stats(f"{path.name} / {name}", summary)
         stem = out / f"{path.resolve().name}_{name}"
         out.mkdir(parents=True, exist_ok=True)
-        Path(f"{stem}.json").write_text(json.dumps(summary, indent=2))
+        publish(Path(f"{stem}.json"), json_writer(summary))
         try:
             png = stats.plot(f"{stem}.png")
         except ImportError:
@@ -400,7 +401,7 @@ def evaluate(
     workers: int | None = WORKERS,
 ) -> None:
     """Score a model (or a folder of predictions) per level of the class tree."""
-    from hiseg.runner import writable_file, writable_folder
+    from hiseg.runner import json_writer, publish, writable_file, writable_folder
 
     if (model is None) == (pred_dir is None):
         raise fail("give either --model (one or more) or --pred-dir")
@@ -459,7 +460,7 @@ def evaluate(
         raise fail(str(err), code=1) from None
     print_scores(scores)
     if json_out:
-        json_out.write_text(json.dumps(scores, indent=2))
+        publish(json_out, json_writer(scores))
         console.print(f"saved {json_out}", highlight=False)
     if result is not None and report is not None:
         from hiseg.report import log_report_to_mlflow, write_report

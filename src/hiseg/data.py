@@ -492,9 +492,11 @@ class DatasetStats:
             ax.set(title=f"level {k} pixel share (bg {bg:.1f}%)", xlabel="% of pixels")
         fig.suptitle(f"{self.tree.name}")
         fig.tight_layout()
+        from hiseg.runner import publish  # written whole or not at all
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        publish(path, lambda tmp: fig.savefig(tmp, dpi=110))
         plt.close(fig)
         return path
 
