@@ -90,3 +90,12 @@ def test_batch_equals_one_at_a_time_on_a_bundled_model(tmp_path):
         assert isinstance(many, Result)
         np.testing.assert_array_equal(one.labels, many.labels)
         np.testing.assert_allclose(one.probs, many.probs, atol=1e-5)
+
+
+def test_top_level_api_names_its_result_and_prints_it_short():
+    import hiseg
+
+    assert hiseg.Result is Result and "Result" in dir(hiseg) and "load" in dir(hiseg)
+    result = hiseg.load().predict(smooth_photo(300, 200, 5))
+    # a list of results must print as a few lines, not as whole image arrays
+    assert repr(result) == "Result(path=None, size=200x300, tree='pascal-person-part')"

@@ -7,13 +7,17 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load"]
+__all__ = ["Result", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import hiseg` stays cheap and the CLI starts fast.
-    if name == "load":
-        from hiseg.predictor import load
+    if name in ("load", "Result"):
+        from hiseg import predictor
 
-        return load
+        return getattr(predictor, name)
     raise AttributeError(f"module 'hiseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)  # tab completion shows the lazy names too

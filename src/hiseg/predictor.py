@@ -220,6 +220,10 @@ class Result:
     path: Path | None = None
     probabilities: Probabilities | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:  # no arrays: a list of results prints short
+        height, width = self.labels.shape
+        return f"Result(path={self.path!r}, size={width}x{height}, tree={self.tree.name!r})"
+
     @property
     def probs(self) -> np.ndarray:
         if self.probabilities is None:
