@@ -241,3 +241,15 @@ def test_a_prediction_folder_names_every_bad_prediction_and_ground_truth(tmp_pat
     assert result.exit_code == 1
     text = " ".join(result.output.split())
     assert all(f"{sid}.png" in text for sid in ids[:5]) and "mIoU" not in text
+
+
+def test_predictions_are_never_saved_over_the_split_masks(tmp_path):
+    """--save-pred gt_masks/ would replace each ground-truth <id>.png by the model's labels."""
+    make_pascal_layout(tmp_path / "ppp", n=2)
+    dataset = open_dataset(tmp_path / "ppp", "val")
+    masks = tmp_path / "ppp" / "gt_masks"
+    before = {p.name: p.read_bytes() for p in masks.iterdir()}
+    assert any(name.endswith(".png") for name in before)
+    with pytest.raises(EvaluationError, match="gt_masks: holds the split's images or masks"):
+        evaluate_model(hiseg.load("person", threads=1), dataset, save_dir=masks)
+    assert {p.name: p.read_bytes() for p in masks.iterdir()} == before

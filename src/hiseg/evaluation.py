@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from hiseg.data import (
     MIN_REGION_PIXELS,
@@ -210,7 +209,14 @@ def evaluate_model(
         regions=dict.fromkeys(BUCKET_NAMES, 0),
     )
     if save_dir is not None:
+        from hiseg.runner import png_writer, publish  # lazily: the CLI imports this module
+
         save_dir = Path(save_dir)
+        folders = {p.parent for s in dataset.samples for p in (s.image_path, s.mask_path) if p}
+        if save_dir.resolve() in {folder.resolve() for folder in folders}:  # <id>.png: a mask
+            raise EvaluationError(
+                f"{save_dir}: holds the split's images or masks; save predictions elsewhere"
+            )
         save_dir.mkdir(parents=True, exist_ok=True)
     kept: list[tuple[float, int, Example]] = []  # max-heap on mIoU via negation
     for i, sample in enumerate(dataset.samples[:limit]):
@@ -221,7 +227,7 @@ def evaluate_model(
         pred = predictor.predict(image).labels
         target, pred = target_labels(target), pred_labels(pred)
         if save_dir is not None:
-            Image.fromarray(pred).save(save_dir / f"{sample.id}.png")
+            publish(save_dir / f"{sample.id}.png", png_writer(pred))
         try:
             miou = _score_image(result, target, pred, tree)
         except ValueError as err:  # e.g. a mask whose size differs from its image
