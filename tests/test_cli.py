@@ -150,6 +150,9 @@ def test_accurate_reaches_the_ray_actors(tmp_path, monkeypatch):
     [
         (["eval", "--data", ".", "-m", "person", "--limit", "0"], "--limit must be at least 1"),
         (["eval", "--data", ".", "-m", "person", "--worst", "-1"], "--worst must be at least 0"),
+        # options that would otherwise be ignored in silence
+        (["eval", "--data", ".", "-m", "person", "--mlflow", "x"], "--mlflow logs the scores"),
+        (["eval", "--data", ".", "--pred-dir", ".", "--save-pred", "p"], "--save-pred needs"),
         (["bench", "person.onnx", "--runs", "0"], "--runs must be at least 1, not 0"),
         (["bench", "person.onnx", "--warmup", "-1"], "--warmup must be at least 0, not -1"),
         (["bench", "person.onnx", "--threads", "0"], "--threads must be at least 1, not 0"),

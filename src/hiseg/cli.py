@@ -72,8 +72,9 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @contextmanager
-def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """A Rich progress bar; yields ``advance(n)``. Hidden when output is not a terminal."""
+def progress_bar(total: int, description: str) -> Iterator[Callable[..., None]]:
+    """A Rich progress bar; yields ``advance(n, new_description=None)`` (a video's frames update
+    the description between inputs). Hidden when output is not a terminal."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -83,7 +84,11 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
         transient=True,
     ) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: int, new_description: str | None = None) -> None:
+            bar.update(task, advance=n, description=new_description)
+
+        yield advance
 
 
 def version_callback(value: bool) -> None:
@@ -407,6 +412,10 @@ def evaluate(
         raise fail("give either --model (one or more) or --pred-dir")
     if report is not None and model is None:
         raise fail("--report needs --model (the report shows the model's worst images)")
+    if save_pred is not None and model is None:
+        raise fail("--save-pred needs --model (it saves the model's label maps)")
+    if mlflow_uri is not None and report is None:
+        raise fail("--mlflow logs the scores and the report: give --report too")
     if check_engine(engine, address, workers) == "ray" and pred_dir is not None:
         raise fail("--engine ray runs a model; --pred-dir is scored in this process")
     at_least("--limit", limit, 1)
@@ -662,20 +671,36 @@ def predict_command(
 
         strength = DEFAULT_STRENGTH if smooth_strength is None else smooth_strength
         smoother = TemporalSmoother(strength)
+    inputs = len(sources) + len(found.failed)  # paths that led to nothing count as failed inputs
     with stop_on_signals() as stop, progress_bar(len(sources), "segmenting") as advance:
+
+        def on_frame(n: int, count: int) -> None:
+            shown = min(count, max_frames or count)
+            advance(0, f"segmenting: frame {n}" + (f"/{shown}" if shown else ""))
+
         report = run(
-            predictor, sources, saver, max_frames, lambda: advance(1), stop=stop, smoother=smoother
+            predictor,
+            sources,
+            saver,
+            max_frames,
+            lambda: advance(1, "segmenting"),
+            on_frame,
+            stop=stop,
+            smoother=smoother,
         )
-        n_ok = report.done - len(report.failed)
         report.failed[:0] = found.failed
-        summary_path = saver.write_summary(report, len(sources))
+        report.done += len(found.failed)
+        summary_path = saver.write_summary(report, inputs)
     if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
         for item in report.summaries:
             print_summary(item)
-    done = f"segmented {n_ok} of {len(sources)} input(s)"
+    n_ok = report.done - len(report.failed)
+    done = f"segmented {n_ok} of {inputs} input(s)"
     if report.stopped:
         done = f"stopped by {signal.Signals(report.stopped).name}: {done}"
-    console.print(f"{done}; results saved to {out}/", highlight=False)
+    console.print(
+        f"{done}; " + (f"results saved to {out}/" if n_ok else "nothing saved"), highlight=False
+    )
     if summary_path:
         console.print(f"summary: {summary_path}", highlight=False)
     if found.repeats:
