@@ -35,11 +35,12 @@ def overlay(
 
 
 def legend_panel(tree: Tree, names: list[str], height: int) -> np.ndarray:
-    """A white column listing ``names`` with their colours, as tall as the image."""
+    """A white column listing ``names`` with their colours, as tall as the image (rows past
+    its bottom are cut)."""
     scale = max(0.4, min(1.0, height / 600))
     row = int(28 * scale)
     width = int(150 * scale)
-    panel = np.full((max(height, row * (len(names) + 1)), width, 3), 255, np.uint8)
+    panel = np.full((height, width, 3), 255, np.uint8)
     for i, name in enumerate(names):
         y = row * (i + 1)
         cv2.rectangle(panel, (6, y - row + 8), (6 + row - 10, y - 2), tree.color(name), -1)
@@ -53,7 +54,7 @@ def legend_panel(tree: Tree, names: list[str], height: int) -> np.ndarray:
             1,
             cv2.LINE_AA,
         )
-    return panel[:height] if panel.shape[0] > height else panel
+    return panel
 
 
 def overlay_with_legend(
@@ -69,6 +70,4 @@ def overlay_with_legend(
         return out
     names = tree.level(level if level is not None else -1).names
     panel = legend_panel(tree, [n for n in names if n != tree.background.name], out.shape[0])
-    if panel.shape[0] > out.shape[0]:
-        out = cv2.copyMakeBorder(out, 0, panel.shape[0] - out.shape[0], 0, 0, cv2.BORDER_CONSTANT)
     return np.concatenate([out, panel], axis=1)
