@@ -301,7 +301,9 @@ def test_a_batch_with_bad_inputs_goes_on_and_lists_them(tmp_path):
         assert reason in listed[name]
         assert f"✗ {name}: {reason}" in result.output
     assert [item["image"] for item in summary["images"]] == [str(good)]
-    assert (out / "good.png").is_file() and "segmented 1 of 4 input(s)" in result.output
+    # paths that led to nothing (the loop, the missing file) count as inputs, failed, like on Ray
+    assert (out / "good.png").is_file() and "segmented 1 of 6 input(s)" in result.output
+    assert (summary["inputs"], summary["finished"]) == (6, 6)
 
 
 def test_user_mistakes_are_one_line_without_traceback(tmp_path, monkeypatch):

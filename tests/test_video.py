@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -165,15 +167,26 @@ def test_a_still_image_is_unaffected_by_smoothing(predictor, clip, tmp_path):
     np.testing.assert_array_equal(saved, predictor.predict(image).labels)
 
 
-def test_cli_video_with_and_without_smoothing(clip, tmp_path):
+def test_cli_video_with_and_without_smoothing(clip, tmp_path, monkeypatch):
     """Both give every frame; they share the first frame (nothing to smooth with yet) and
-    differ after it."""
+    differ after it. The progress bar counts frames; summary.json lists the video's output."""
+    descriptions = []
+
+    @contextmanager
+    def recording_bar(total, description):
+        yield lambda n, new_description=None: descriptions.append(new_description)
+
+    monkeypatch.setattr("hiseg.cli.progress_bar", recording_bar)
     frames = {}
     for option in ("--smooth", "--no-smooth"):
         out = tmp_path / option
-        result = CliRunner().invoke(app, ["predict", str(clip), *FAST, option, "-o", str(out)])
+        args = ["predict", str(clip), *FAST, option, "-o", str(out), "--json"]
+        result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         frames[option] = video_frames(out / "clip_overlay.mp4")
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["videos"] == [{"input": str(clip), "outputs": ["clip_overlay.mp4"]}]
+    assert "segmenting: frame 1/6" in descriptions and "segmenting: frame 6/6" in descriptions
     smooth, raw = frames["--smooth"], frames["--no-smooth"]
     assert len(smooth) == len(raw) == 6
     assert np.array_equal(smooth[0], raw[0])

@@ -671,7 +671,7 @@ def predict_command(
 
         strength = DEFAULT_STRENGTH if smooth_strength is None else smooth_strength
         smoother = TemporalSmoother(strength)
-    inputs = len(sources) + len(found.failed)  # paths that led to nothing count as failed inputs
+    n_inputs = len(sources) + len(found.failed)  # paths that led to nothing count as failed inputs
     with stop_on_signals() as stop, progress_bar(len(sources), "segmenting") as advance:
 
         def on_frame(n: int, count: int) -> None:
@@ -690,12 +690,12 @@ def predict_command(
         )
         report.failed[:0] = found.failed
         report.done += len(found.failed)
-        summary_path = saver.write_summary(report, inputs)
+        summary_path = saver.write_summary(report, n_inputs)
     if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
         for item in report.summaries:
             print_summary(item)
     n_ok = report.done - len(report.failed)
-    done = f"segmented {n_ok} of {inputs} input(s)"
+    done = f"segmented {n_ok} of {n_inputs} input(s)"
     if report.stopped:
         done = f"stopped by {signal.Signals(report.stopped).name}: {done}"
     console.print(

@@ -93,6 +93,7 @@ class RunReport:
     saved: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
     summaries: list[dict[str, Any]] = field(default_factory=list)
+    videos: list[dict[str, Any]] = field(default_factory=list)  # {"input", "outputs"}
     done: int = 0  # inputs finished, successfully or not
     stopped: int | None = None  # the signal that stopped the run early
 
@@ -307,7 +308,8 @@ class Saver:
         return path
 
     def write_summary(self, report: RunReport, inputs: int) -> Path | None:
-        """``summary.json``: every finished image, every failure, and whether the run stopped."""
+        """``summary.json``: every finished image and video, every failure, and whether the run
+        stopped."""
         path = self.summary_file()
         if path is None:
             return None
@@ -316,6 +318,7 @@ class Saver:
             "finished": report.done,
             "stopped_by": signal.Signals(report.stopped).name if report.stopped else None,
             "images": report.summaries,
+            "videos": report.videos,
             "failed": [{"input": name, "reason": reason} for name, reason in report.failed],
         }
         publish(path, json_writer(summary))
@@ -409,6 +412,7 @@ def run(
                 else:
                     path = saver.save_video(predictor, source, max_frames, on_frame, stop, smoother)
                     report.saved.append(path)
+                    report.videos.append({"input": str(source), "outputs": [path.name]})
                     if stop and stop.signum:  # the video was cut short
                         report.stopped = stop.signum
             except HisegError as err:
