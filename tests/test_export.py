@@ -182,6 +182,11 @@ def test_onnx_prediction_never_imports_torch(onnx_path, val):
     subprocess.run([sys.executable, "-c", code, onnx_path, image], check=True, timeout=120)
 
 
+def test_benchmark_of_no_model_file_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match=r"missing\.onnx: no such model file"):
+        benchmark(tmp_path / "missing.onnx")
+
+
 def test_benchmark_rows_are_timed_in_turns():
     calls = []
     times = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3, 1)

@@ -30,6 +30,8 @@ import numpy as np
 
 from hiseg.pipeline import prepare
 from hiseg.predictor import Backend, Predictor, load_backend
+from hiseg.runner import publish
+from hiseg.spec import ModelError
 
 INT8_SUFFIX = ".int8.onnx"
 #: Height and width of the stand-in photo for ``predict`` rows: a portrait PASCAL VOC photo,
@@ -79,7 +81,8 @@ def benchmark(
     models = [model] if isinstance(model, (str, Path)) else model
     paths = list(dict.fromkeys(p for m in models for p in model_variants(m)))
     if not paths:
-        raise FileNotFoundError(f"no model file among {[str(m) for m in models]}")
+        names = ", ".join(str(m) for m in models)
+        raise ModelError(f"{names}: no such model file (nor its .onnx / .int8.onnx sibling)")
     if importlib.util.find_spec("torch") is None:
         paths = [p for p in paths if p.suffix != ".ckpt"]
     rng = np.random.default_rng(0)
@@ -141,7 +144,7 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, command: st
         cells = [f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    publish(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return path
 
 
