@@ -81,8 +81,8 @@ def benchmark(
     models = [model] if isinstance(model, (str, Path)) else model
     paths = list(dict.fromkeys(p for m in models for p in model_variants(m)))
     if not paths:
-        names = ", ".join(str(m) for m in models)
-        raise ModelError(f"{names}: no such model file (nor its .onnx / .int8.onnx sibling)")
+        given = ", ".join(str(m) for m in models)
+        raise ModelError(f"{given}: no such model file (nor its .onnx / .int8.onnx sibling)")
     if importlib.util.find_spec("torch") is None:
         paths = [p for p in paths if p.suffix != ".ckpt"]
     rng = np.random.default_rng(0)
