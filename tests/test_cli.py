@@ -161,6 +161,8 @@ def test_accurate_reaches_the_ray_actors(tmp_path, monkeypatch):
         (["bench", "person.onnx", "--sizes", "big"], "--sizes takes comma-separated integers"),
         (["export", "x.ckpt", "--limit", "0"], "--limit must be at least 1, not 0"),
         (["export", "x.ckpt", "--clean", "-2"], "--clean must be at least 0, not -2"),
+        (["export", "x.ckpt", "--out", "x.ckpt"], "--out x.ckpt: is the checkpoint itself"),
+        (["export", "model.onnx"], "--out model.onnx: is the checkpoint itself"),
     ],
 )
 def test_eval_bench_export_options_out_of_bounds(tmp_path, args, message):

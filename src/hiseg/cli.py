@@ -811,6 +811,9 @@ def export_command(
         raise fail("--int8 needs --data: int8 is calibrated and scored on real images")
     at_least("--limit", limit, 1)
     at_least("--clean", clean, 0)
+    out = out or checkpoint.with_suffix(".onnx")
+    if out.resolve() == checkpoint.resolve():  # a checkpoint named .onnx, or --out CKPT
+        raise fail(f"--out {out}: is the checkpoint itself; write the ONNX file elsewhere")
     try:
         from hiseg.export import (
             VALIDATION_IMAGES,
@@ -821,7 +824,6 @@ def export_command(
         )
     except ImportError as err:
         raise fail(f"export needs the train extra: pip install 'hiseg[train]' ({err})") from None
-    out = out or checkpoint.with_suffix(".onnx")
     try:
         export_onnx(checkpoint, out, clean=clean)
     except (OSError, ValueError) as err:
