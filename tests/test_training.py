@@ -154,7 +154,7 @@ def test_extra_sets_join_training_in_the_main_sets_tree(tiny_data, tmp_path):
     assert set(np.unique(target.numpy())) <= {0, 1, IGNORE_VALUE}
 
     person_data = type("PersonData", (), {"tree": person, "root": tmp_path})()
-    with pytest.raises(ValueError, match="cannot train a model of tree 'pascal-person-part'"):
+    with pytest.raises(DatasetError, match="cannot train a model of tree 'pascal-person-part'"):
         TrainSet(person_data, identity, norm["mean"], norm["std"], parts.tree)
 
 
@@ -189,8 +189,17 @@ def test_init_starts_from_a_checkpoint_and_checks_it_fits(tiny_data, tiny_checkp
 
     wider = tiny_config(tiny_data, tmp_path, **{"model.decoder.decoder_segmentation_channels": 32})
     other = SegmentationTask(wider, task.tree.to_dict(), pretrained=False)
-    with pytest.raises(ValueError, match=r"model\.init needs the same model"):
+    with pytest.raises(ConfigError, match=r"model\.init needs the same model"):
         init_weights(other, tiny_checkpoint)
+
+
+def test_loss_settings_only_the_tree_can_check_are_a_config_error(tiny_data, tmp_path):
+    """One error line from `hiseg train`, not a ValueError traceback."""
+    config = tiny_config(tiny_data, tmp_path, **{"loss.level_weights": "[1, 2]"})
+    tree = open_dataset(tiny_data, "train").tree.to_dict()
+    message = r"config key 'loss': 2 level weights given; tree 'pascal-person-part' has 3 levels"
+    with pytest.raises(ConfigError, match=message):
+        SegmentationTask(config, tree, pretrained=False)
 
 
 def test_lr_schedule_warms_up_then_decays():

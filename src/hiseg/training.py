@@ -77,7 +77,7 @@ class TrainSet(torch.utils.data.Dataset):
         try:
             self.relabel = dataset.tree.relabeller(self.tree)
         except ValueError:
-            raise ValueError(
+            raise DatasetError(
                 f"{dataset.root}: its tree '{dataset.tree.name}' cannot train a model of tree "
                 f"'{self.tree.name}' (only the same tree, or any tree for 'person')"
             ) from None
@@ -186,7 +186,10 @@ class SegmentationTask(L.LightningModule):
         if self.config.trainer.compile:
             # in place: the state dict keeps its keys; validation (predict_logits) runs eagerly
             self.model.net.compile()
-        self.loss_fn = build_loss(self.tree, dataclasses.asdict(self.config.loss))
+        try:
+            self.loss_fn = build_loss(self.tree, dataclasses.asdict(self.config.loss))
+        except ValueError as err:  # settings that only the tree can check: weights per level
+            raise ConfigError(f"config key 'loss': {err}") from None
         self.confusion = ConfusionMatrix(self.tree)
         self.samples: list[np.ndarray] = []
 
@@ -568,7 +571,7 @@ def init_weights(task: SegmentationTask, checkpoint: str | Path) -> None:
     want = {"arch": ours.arch, "encoder": ours.encoder, "decoder": dict(ours.decoder)}
     have = {"arch": spec.arch, "encoder": spec.encoder, "decoder": dict(spec.decoder)}
     if have != want or not model.tree.same_as(task.tree):
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint}: model.init needs the same model and tree; it holds {have}, "
             f"tree '{model.tree.name}', the config asks for {want}, tree '{task.tree.name}'"
         )
