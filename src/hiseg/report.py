@@ -9,13 +9,13 @@ prediction). Plots use matplotlib's Agg backend, so no display is needed.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hiseg.evaluation import EvalResult, Example
+from hiseg.runner import json_writer, publish
 from hiseg.taxonomy import BACKGROUND, Tree
 from hiseg.visualize import overlay
 
@@ -34,6 +34,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    """``fig`` as ``path`` (PNG), written whole or not at all, and closed."""
+    try:
+        publish(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    finally:
+        _pyplot().close(fig)
+    return path
 
 
 def _unit_rgb(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
@@ -74,9 +83,7 @@ def plot_confusion(matrix: np.ndarray, names: list[str], title: str, path: Path)
     ax.set(xlabel="prediction", ylabel="ground truth", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def plot_by_size(scores: dict[str, Any], path: Path) -> Path:
@@ -100,9 +107,7 @@ def plot_by_size(scores: dict[str, Any], path: Path) -> Path:
     ax.set_title("IoU by person size")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def plot_gallery(examples: list[Example], tree: Tree, path: Path) -> Path:
@@ -123,9 +128,7 @@ def plot_gallery(examples: list[Example], tree: Tree, path: Path) -> Path:
     handles = [Patch(color=_unit_rgb(tree.color(n)), label=n) for n in leaves]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.9 * len(examples))))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)
 
 
 def _markdown(scores: dict[str, Any], result: EvalResult) -> str:
@@ -178,7 +181,7 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tree = result.tree
     scores = result.scores()
-    (out / SCORES_FILE).write_text(json.dumps(scores, indent=2))
+    publish(out / SCORES_FILE, json_writer(scores))
     for k in range(tree.num_levels):
         title = f"level {k} (rows: ground truth, normalised)"
         plot_confusion(
@@ -188,7 +191,8 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
     if result.worst:
         plot_gallery(result.worst[:GALLERY_ROWS], tree, out / GALLERY_FILE)
     path = out / REPORT_FILE
-    path.write_text(_markdown(scores, result))
+    text = _markdown(scores, result)
+    publish(path, lambda tmp: tmp.write_text(text))
     return path
 
 
@@ -242,6 +246,4 @@ def plot_history(history_csv: str | Path, path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
