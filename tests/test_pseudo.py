@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import hiseg
 from hiseg.cli import app
+from hiseg.data import DatasetError
 from hiseg.pseudo import MANIFEST, PseudoLabels, quantise
 from hiseg.taxonomy import IGNORE_VALUE, load_tree
 
@@ -294,6 +295,26 @@ def test_pseudo_config_errors_are_one_line(tiny_data, photos, pascal_soft, tmp_p
         assert reason in message, message
     labels = PseudoLabels(pascal_soft)
     assert labels.mode == "soft" and len(labels) == 4 and labels.images == photos.resolve()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"settings": "soft"}, "incomplete manifest"),
+        ({"labels": ["a"]}, "'labels' an object"),
+        ({"labels": {"a": {"image": "a.jpg"}}}, "labels entry 'a' needs 'image', 'file'"),
+    ],
+)
+def test_a_malformed_manifest_is_one_dataset_error(photos, tmp_path, change, reason):
+    """An edited or foreign manifest: one line naming it, not a KeyError or AttributeError."""
+    out = tmp_path / "labels"
+    result = label("-m", "person", "--data", str(photos), "-o", str(out), "--limit", "1")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(DatasetError, match=reason) as caught:
+        PseudoLabels(out)
+    assert str(out / MANIFEST) in str(caught.value)
 
 
 def test_cli_refuses_bad_options_in_one_line(photos, tmp_path):

@@ -278,8 +278,22 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatasetError(f"{path}: not a manifest of `hiseg pseudo-label`")
     missing = [k for k in (*RESUME_KEYS, "labels") if k not in manifest]
-    if missing or manifest["settings"].get("mode") not in MODES:
+    settings = manifest.get("settings")
+    if missing or not isinstance(settings, dict) or settings.get("mode") not in MODES:
         raise DatasetError(f"{path}: incomplete manifest (missing {missing or ['settings.mode']})")
+    if not isinstance(manifest["images"], str) or not isinstance(manifest["labels"], dict):
+        raise DatasetError(f"{path}: 'images' must be a folder and 'labels' an object")
+    for stem, entry in manifest["labels"].items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("image"), str)
+            and isinstance(entry.get("file"), str)
+            and isinstance(entry.get("confident"), int | float)
+        ):
+            raise DatasetError(
+                f"{path}: labels entry '{stem}' needs 'image', 'file' and 'confident' "
+                f"(got {entry!r})"
+            )
     return manifest
 
 
