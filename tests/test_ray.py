@@ -117,6 +117,9 @@ def test_resume_reads_only_whole_records_of_existing_outputs(tmp_path):
     )
     (tmp_path / DONE_FOLDER / "w2.jsonl").write_text('["/in/b.jpg", "b.png"]')  # cut by a crash
     assert read_done(tmp_path) == {"/in/a.jpg"}
+    # damaged lines (not JSON, not a list, not names) are not done; the job does not crash
+    (tmp_path / DONE_FOLDER / "w3.jsonl").write_text('["/in/b.jpg", "b.p\n{}\n7\n[1, 2]\n[]\n')
+    assert read_done(tmp_path) == {"/in/a.jpg"}
 
 
 def test_actors_times_threads_fill_the_cores():

@@ -106,7 +106,13 @@ def read_done(out: Path) -> set[str]:
     for record in sorted(folder.glob("*.jsonl")):
         text = record.read_text(encoding="utf-8", errors="replace")
         for line in text.split("\n")[:-1]:  # a line cut by a crash has no newline: not done
-            path, *outputs = json.loads(line)
+            try:
+                path, *outputs = json.loads(line)
+            except (ValueError, TypeError):  # not a record (damaged): its input runs again
+                continue
+            names = [path, *outputs]
+            if not all(isinstance(name, str) for name in names):
+                continue
             if outputs and all((out / name).is_file() for name in outputs):
                 done.add(path)
     return done
