@@ -182,6 +182,13 @@ def test_onnx_prediction_never_imports_torch(onnx_path, val):
     subprocess.run([sys.executable, "-c", code, onnx_path, image], check=True, timeout=120)
 
 
+def test_int8_without_calibration_images_is_a_model_error(tmp_path):
+    """E.g. an empty calibration split: named, before any file is read or written."""
+    with pytest.raises(ModelError, match=r"tiny\.onnx: int8 calibration needs at least one"):
+        quantize_int8(tmp_path / "tiny.onnx", tmp_path / "tiny.int8.onnx", [])
+    assert not any(tmp_path.iterdir())
+
+
 def test_benchmark_of_no_model_file_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match=r"missing\.onnx: no such model file"):
         benchmark(tmp_path / "missing.onnx")

@@ -354,7 +354,7 @@ def quantize_int8(
     """Static int8 (QDQ, per-channel weights) of an exported model, calibrated on real images
     preprocessed as the runtime does; metadata kept, with precision ``int8``."""
     if not calibration_images:
-        raise ValueError("int8 calibration needs at least one image")
+        raise ModelError(f"{onnx_fp32}: int8 calibration needs at least one image (none given)")
     source = load_backend(onnx_fp32, "onnx")
     inputs = (prepare(image, source.spec)[0][None] for image in calibration_images)
     with tempfile.TemporaryDirectory() as tmp:
