@@ -154,6 +154,15 @@ def check(*args: str):
     return runner.invoke(app, ["data", "check", *map(str, args)])
 
 
+def test_a_binary_id_list_is_one_error_line(tmp_path):
+    root = tmp_path / "ppp"
+    make_pascal_layout(root, n=2)
+    (root / "val_id.txt").write_bytes(b"2099_000000\n\xff\xfe\n")
+    result = check(root)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "val_id.txt: not a text list of ids" in " ".join(result.output.split())
+
+
 def test_check_never_passes_while_checking_nothing(tmp_path):
     """A --format that does not fit the folder, an unknown one, a layout without split lists
     and an empty split list each fail, naming why; before, some returned 0 having checked

@@ -157,6 +157,19 @@ def test_value_map_keys_written_as_text_still_read():
     assert again.value_map == {255: 1} and again.same_as(tree)
 
 
+def test_a_binary_or_broken_tree_file_is_one_line(tmp_path):
+    """An image passed as the tree, or broken YAML: a TreeError of one line, no traceback."""
+    binary = tmp_path / "photo.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(TreeError, match=r"photo\.yaml: not a text file"):
+        load_tree(binary)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("nodes: [a\n  b: {")
+    with pytest.raises(TreeError, match=r"broken\.yaml: not valid YAML") as err:
+        load_tree(broken)
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_tree_name_lists_builtins():
     with pytest.raises(TreeError, match="builtin: pascal-person-part, person"):
         load_tree("no-such-tree")

@@ -350,6 +350,13 @@ def test_bad_values_are_one_line_errors_before_training(override, message, tmp_p
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
+def test_a_binary_config_file_is_one_config_error(tmp_path):
+    binary = tmp_path / "last.ckpt"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"last\.ckpt: not a text file"):
+        load_config(binary)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -337,6 +337,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError as err:
             reason = " ".join(str(err).split())
             raise ConfigError(f"{path}: not valid YAML: {reason}") from None
+        except UnicodeDecodeError as err:  # e.g. a checkpoint given for the config
+            reason = f"{err.reason} at byte {err.start}"
+            raise ConfigError(f"{path}: not a text file ({reason})") from None
         try:
             config = _apply(config, spec)
         except ConfigError as err:

@@ -73,7 +73,12 @@ def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
 
 def read_id_list(path: str | Path) -> list[str]:
     """Sample ids, one per line; text after ``#`` is a comment."""
-    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as err:
+        reason = f"{err.reason} at byte {err.start}"
+        raise DatasetError(f"{path}: not a text list of ids ({reason})") from None
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
     return [line for line in lines if line]
 
 

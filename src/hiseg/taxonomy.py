@@ -501,5 +501,7 @@ def load_tree(name_or_path: str | Path) -> Tree:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise TreeError(f"{path}: not valid YAML: {err}") from None
+        raise TreeError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:  # e.g. an image given for the tree file
+        raise TreeError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
     return Tree.from_dict(spec, source=str(path))
