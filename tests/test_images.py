@@ -82,6 +82,21 @@ def test_masks(tmp_path):
         read_mask(save(tmp_path, "c.png", Image.fromarray(colour)))
 
 
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (np.zeros((2, 2), complex), "complex128 values; expected integer labels"),
+        (np.array([["a", "b"], ["c", "d"]]), "<U1 values; expected integer labels"),
+        (np.full((2, 2), 0.5), "non-integer values"),
+        (np.full((2, 2), 1e30), "values up to 1e\\+30"),  # an int64 cast would wrap around
+    ],
+)
+def test_npy_masks_of_other_values_are_named(tmp_path, values, reason):
+    np.save(tmp_path / "m.npy", values)
+    with pytest.raises(ImageReadError, match=rf"m\.npy: mask holds {reason}"):
+        read_mask(tmp_path / "m.npy")
+
+
 # -- decompression bombs and the pixel limit ----------------------------------------------------
 
 

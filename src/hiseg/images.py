@@ -243,7 +243,11 @@ def read_mask(path: str | Path) -> np.ndarray:
     if arr.ndim != 2:
         raise ImageReadError(path, f"mask has shape {arr.shape}; expected (height, width)")
     if not np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype.kind not in "bf":  # complex, text, objects: np.mod below would raise
+            raise ImageReadError(path, f"mask holds {arr.dtype} values; expected integer labels")
         if not np.all(np.mod(arr, 1) == 0):
             raise ImageReadError(path, f"mask holds non-integer values ({arr.dtype})")
+        if arr.size and np.abs(arr).max() >= 2**31:  # would wrap around when cast
+            raise ImageReadError(path, f"mask holds values up to {np.abs(arr).max():g}")
         arr = arr.astype(np.int64)
     return arr
