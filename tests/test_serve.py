@@ -368,6 +368,19 @@ def test_a_request_past_its_timeout_gets_504_and_its_slot_comes_back(monkeypatch
         assert c.post("/v1/segment", content=ASTRONAUT.read_bytes()).status_code == 200
 
 
+def test_an_unexpected_failure_is_a_json_500_and_frees_its_slot(monkeypatch):
+    app = person_app(workers=1, queue=0)
+
+    def out_of_memory(image):
+        raise MemoryError
+
+    monkeypatch.setattr(app.state.models["person"].predictor, "predict", out_of_memory)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/segment", content=ASTRONAUT.read_bytes())
+        assert r.status_code == 500 and r.json() == {"error": "internal error (MemoryError)"}
+        wait_until(lambda: app.state.gate.admitted == 0)
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 

@@ -348,6 +348,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(err.detail)}, err.status_code, headers=err.headers)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        # a bug or memory running out: still a JSON answer; uvicorn logs the traceback
+        return JSONResponse({"error": f"internal error ({type(err).__name__})"}, 500)
+
     def check_key(request: Request) -> None:
         if settings.api_key is None:
             return
