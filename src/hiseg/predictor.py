@@ -77,10 +77,6 @@ class Backend:
     def long_side(self) -> int:
         return self.spec.long_side
 
-    @property
-    def stride(self) -> int:
-        return self.spec.output_stride
-
 
 def _threads(threads: int | None) -> int:
     """All cores by default; more threads than cores only thrash (100000 once broke a machine)."""
