@@ -356,28 +356,23 @@ def dataset_splits(root: str | Path, format: str = "auto") -> list[str]:
     return splits
 
 
-def open_dataset(
-    root: str | Path, split: str, format: str = "auto", tree: Tree | None = None
-) -> Dataset:
+def open_dataset(root: str | Path, split: str, format: str = "auto") -> Dataset:
     """Open one split of a dataset folder, detecting its format unless one is given."""
     root = Path(root)
     fmt = resolve_format(root, format)
     splits = FORMATS[fmt].splits(root)
     if split not in splits:
         raise DatasetError(f"{root}: no split '{split}' in this {fmt} dataset (splits: {splits})")
-    return FORMATS[fmt](root, split, tree)
+    return FORMATS[fmt](root, split)
 
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 
-def parallel_map(
-    fn: Callable[[_Item], _Result], items: Iterable[_Item], workers: int | None = None
-) -> Iterator[_Result]:
+def parallel_map(fn: Callable[[_Item], _Result], items: Iterable[_Item]) -> Iterator[_Result]:
     """Map in threads, in order. Image decoding releases the GIL, so threads use every core."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         yield from pool.map(fn, items)
 
 
