@@ -45,6 +45,8 @@ from hiseg.runner import publish
 from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 
 INPUT, OUTPUT = "image", "logits"
+#: ONNX opset of every export.
+OPSET = 17
 DYNAMIC_AXES = {name: {0: "batch", 2: "height", 3: "width"} for name in (INPUT, OUTPUT)}
 #: An export is sound when ONNX Runtime and torch pick the same leaf on this share of pixels.
 MIN_ARGMAX_AGREEMENT = 0.999
@@ -64,7 +66,6 @@ FLOAT_OPS = ("InstanceNormalization",)
 def export_onnx(
     checkpoint: str | Path,
     out: str | Path,
-    opset: int = 17,
     clean: int = 0,
     full_resolution: bool = False,
 ) -> Path:
@@ -92,7 +93,7 @@ def export_onnx(
             buffer,  # type: ignore[arg-type]  # torch accepts a file object too
             input_names=[INPUT],
             output_names=[OUTPUT],
-            opset_version=opset,
+            opset_version=OPSET,
             dynamic_axes=DYNAMIC_AXES,
             dynamo=False,
         )
@@ -397,10 +398,9 @@ def export_int8_if_close(
     calibration_images: Sequence[np.ndarray],
     out: str | Path | None = None,
     limit: int | None = None,
-    max_drop: float = MAX_MIOU_DROP,
 ) -> dict[str, Any]:
     """Quantise, score fp32 and int8 on ``val`` (first ``limit`` samples), and keep the int8 file
-    (default ``model.int8.onnx``) only if no level's mIoU drops by more than ``max_drop``.
+    (default ``model.int8.onnx``) only if no level's mIoU drops by more than :data:`MAX_MIOU_DROP`.
 
     Reports both scores, the drop per level and the decision either way. An undefined mIoU (no
     such node in the images) counts as 0. A rejected int8 also removes an older file at ``out``,
@@ -415,7 +415,7 @@ def export_int8_if_close(
         fp32 = per_level_miou(onnx_fp32, val, limit)
         int8 = per_level_miou(candidate, val, limit)
         drop = {k: (fp32[k] or 0.0) - (int8[k] or 0.0) for k in fp32}
-        kept = all(d <= max_drop for d in drop.values())
+        kept = all(d <= MAX_MIOU_DROP for d in drop.values())
         size_mb = candidate.stat().st_size / 1e6
         if kept:
             os.replace(candidate, out)
@@ -428,7 +428,7 @@ def export_int8_if_close(
         "fp32": fp32,
         "int8": int8,
         "drop": drop,
-        "max_drop": max_drop,
+        "max_drop": MAX_MIOU_DROP,
         "kept": kept,
         "path": str(out) if kept else None,
         "fp32_mb": onnx_fp32.stat().st_size / 1e6,
