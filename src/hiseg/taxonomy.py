@@ -428,13 +428,13 @@ def _collect_nodes(
     if color is not None and (
         not isinstance(color, list | tuple)
         or len(color) != 3
-        or not all(_is_int(c) and 0 <= c <= 255 for c in color)
+        or not all(type(c) is int and 0 <= c <= 255 for c in color)  # not bool, not 1.5
     ):
         raise TreeError(
             f"{source}: node '{item['name']}' color must be three whole numbers 0..255, "
             f"not {color!r}"
         )
-    if value is not None and not _is_int(value):
+    if value is not None and type(value) is not int:
         raise TreeError(
             f"{source}: node '{item['name']}' value must be a whole number, not {value!r}"
         )
@@ -455,10 +455,6 @@ def _collect_nodes(
         _collect_nodes(child, node, out, source)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _value_map(raw: Any, source: str) -> dict[int, int]:
     """``value_map`` as ints; keys may be text (JSON object keys are, e.g. in a model's spec)."""
     if not isinstance(raw, Mapping):
@@ -469,7 +465,7 @@ def _value_map(raw: Any, source: str) -> dict[int, int]:
     for key, value in raw.items():
         if isinstance(key, str) and key.strip().isdigit():
             key = int(key)
-        if not (_is_int(key) and 0 <= key <= 255 and _is_int(value)):
+        if not (type(key) is int and 0 <= key <= 255 and type(value) is int):
             raise TreeError(
                 f"{source}: value_map entry {key!r}: {value!r} must map a mask value 0..255 "
                 "to a leaf value"
