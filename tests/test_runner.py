@@ -1,6 +1,7 @@
 """The runner's inputs (links, globs, webcam indices) and outputs (names that never collide or
 replace a file, atomic writes), on the bundled `person` model: no torch, no data needed."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -154,6 +155,24 @@ def test_a_bad_input_is_reported_and_the_rest_go_on(tmp_path, predictor):
     assert [name for name, _ in report.failed] == [str(bomb), str(text)]
     assert "over the 100 Mpx limit" in report.failed[0][1]
     assert report.done == 3 and [s["image"] for s in report.summaries] == [str(good)]
+
+
+def test_an_input_whose_files_cannot_be_written_fails_alone(tmp_path, predictor, monkeypatch):
+    """E.g. 'a:b.png' on a FAT drive: that input fails, named, and the run goes on."""
+    bad, good = photo(tmp_path / "bad.png"), photo(tmp_path / "good.png")
+    saver = Saver(tmp_path / "out")
+    claim = saver.claim
+
+    def refuse_bad(stem, names):
+        if stem == "bad":
+            raise OSError(errno.EINVAL, "Invalid argument", str(saver.out / "bad.png"))
+        return claim(stem, names)
+
+    monkeypatch.setattr(saver, "claim", refuse_bad)
+    report = run(predictor, [Source("image", bad), Source("image", good)], saver)
+    assert [name for name, _ in report.failed] == [str(bad)]
+    assert "cannot save the results ([Errno 22] Invalid argument" in report.failed[0][1]
+    assert report.done == 2 and [s["image"] for s in report.summaries] == [str(good)]
 
 
 def test_predict_reads_every_accepted_form_like_uint8_and_refuses_the_rest(predictor):

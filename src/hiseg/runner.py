@@ -418,6 +418,8 @@ def run(
             except HisegError as err:
                 reason = err.reason if isinstance(err, ImageReadError) else str(err)
                 report.failed.append((str(source), reason))
+            except OSError as err:  # e.g. a name the output's file system refuses (as on Ray)
+                report.failed.append((str(source), f"cannot save the results ({err})"))
             except MemoryError:
                 report.failed.append((str(source), "out of memory while segmenting"))
             report.done += 1
