@@ -1,6 +1,7 @@
 """`hiseg predict / eval / bench` against bad options, bad output locations, bad inputs,
 concurrent runs and signals, on the bundled `person` model (ONNX, no torch, no data needed)."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -212,6 +213,29 @@ def test_eval_and_bench_outputs_are_checked_first(tmp_path):
     )
     one_error_line(cli("eval", "--data", data, "-m", "person", "--report", a_file), "--report")
     one_error_line(cli("bench", "no-such.onnx", "--out", a_file / "b.md"), "--out")
+
+
+def test_eval_says_what_an_option_needs_before_any_work(tmp_path, monkeypatch):
+    data = tmp_path / "no-data"  # would be the error if the checks came later
+    preds = tmp_path / "preds"
+    one_error_line(
+        cli("eval", "--data", data, "--pred-dir", preds, "--limit", "2"), "--limit needs"
+    )
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name: None if name == "matplotlib" else real_find_spec(name),
+    )
+    report = tmp_path / "report"
+    result = cli("eval", "--data", data, "-m", "person", "--report", report)
+    one_error_line(result, "pip install 'hiseg[plot]'")
+    assert not report.exists()
+
+
+def test_help_shows_extras_in_brackets():
+    # Rich reads [ray] as markup and would print "pip install 'hiseg'"
+    assert "'hiseg[ray]'" in " ".join(cli("predict", "--help").output.split())
 
 
 def test_bench_times_predict_on_the_given_photo(tmp_path):

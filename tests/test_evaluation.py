@@ -197,14 +197,18 @@ def test_log_report_to_mlflow(tmp_path, monkeypatch):
 
 def test_cli_eval_across_trees_lists_the_worst_images(tiny_checkpoint, tiny_person_data, tmp_path):
     out = tmp_path / "scores.json"
-    args = ["eval", "--data", str(tiny_person_data), "--split", "valid", "--limit", "4"]
+    args = ["eval", "--data", str(tiny_person_data), "--split", "valid", "--limit", "3"]
     args += ["-m", str(tiny_checkpoint), "--worst", "2", "--json", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "scoring person vs background only" in " ".join(result.output.split())
     scores = json.loads(out.read_text())
-    assert scores["tree"] == "person" and scores["n_images"] == 4
+    assert scores["tree"] == "person" and scores["n_images"] == 3
     assert len(scores["worst"]) == 2
+    text = " ".join(result.output.split())
+    # --limit's scores are not mistaken for the whole split's; --worst lists on the terminal too
+    assert "scored the first 3 of 4 images" in text
+    assert all(f"{item['id']} (" in text.split("lowest mIoU: ")[1] for item in scores["worst"])
 
 
 def test_a_prediction_folder_names_every_bad_prediction_and_ground_truth(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +45,9 @@ class HisegGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:  # Any: typer keeps its Context class private (typer._click)
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `hiseg ... | head` closed the pipe: nothing left to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # so Python's own flush can't complain
+            raise typer.Exit(1) from None
         except (HisegError, OSError) as err:
             raise fail(str(err) or type(err).__name__) from None
 
@@ -192,7 +196,9 @@ def data_stats(
             png = stats.plot(f"{stem}.png")
         except ImportError:
             png = None
-            err_console.print("matplotlib is not installed: no PNG (pip install 'hiseg[plot]')")
+            err_console.print(
+                "matplotlib is not installed: no PNG (pip install 'hiseg[plot]')", markup=False
+            )
         console.print(f"saved {stem}.json" + (f" and {png}" if png else ""), highlight=False)
         for problem in stats.skipped:
             console.print(f"[yellow]skipped[/] {problem}", highlight=False)
@@ -260,7 +266,7 @@ CLEAN = typer.Option(
 ENGINE = typer.Option(
     "local",
     "--engine",
-    help="local (this process) or ray (Ray Data actors; needs pip install 'hiseg[ray]').",
+    help="local (this process) or ray (Ray Data actors; needs pip install 'hiseg\\[ray]').",
 )
 ADDRESS = typer.Option(
     None,
@@ -414,6 +420,10 @@ def evaluate(
         raise fail("--report needs --model (the report shows the model's worst images)")
     if save_pred is not None and model is None:
         raise fail("--save-pred needs --model (it saves the model's label maps)")
+    if limit is not None and model is None:
+        raise fail("--limit needs --model (--pred-dir scores every id of the split)")
+    if report is not None and importlib.util.find_spec("matplotlib") is None:
+        raise fail("--report draws plots with matplotlib: pip install 'hiseg[plot]'")
     if mlflow_uri is not None and report is None:
         raise fail("--mlflow logs the scores and the report: give --report too")
     if check_engine(engine, address, workers) == "ray" and pred_dir is not None:
@@ -467,7 +477,7 @@ def evaluate(
         raise fail(str(err)) from None
     except EvaluationError as err:
         raise fail(str(err), code=1) from None
-    print_scores(scores)
+    print_scores(scores, len(dataset))
     if json_out:
         publish(json_out, json_writer(scores))
         console.print(f"saved {json_out}", highlight=False)
@@ -484,8 +494,10 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def print_scores(scores: dict[str, Any]) -> None:
-    """The per-level table that ``hiseg eval`` prints."""
+def print_scores(scores: dict[str, Any], split_size: int) -> None:
+    """The per-level table that ``hiseg eval`` prints, then its lowest-scoring images."""
+    if scores["n_images"] != split_size:  # --limit: not the whole split's score
+        console.print(f"scored the first {scores['n_images']} of {split_size} images")
     table = Table(title=f"{scores['tree']}: {scores['n_images']} images")
     table.add_column("level")
     table.add_column("node")
@@ -513,6 +525,9 @@ def print_scores(scores: dict[str, Any]) -> None:
             levels = [_fmt(level["miou"]) for level in s["levels"].values()]
             table.add_row(bucket, str(s["regions"]), *levels)
         console.print(table)
+    if scores.get("worst"):
+        worst = ", ".join(f"{item['id']} ({_fmt(item['miou'])})" for item in scores["worst"])
+        console.print(f"lowest mIoU: {worst}", highlight=False)
 
 
 # -- train ------------------------------------------------------------------------------------
