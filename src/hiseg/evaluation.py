@@ -195,7 +195,8 @@ def evaluate_model(
     Returns one confusion matrix over the split (the same scores as ``hiseg eval --pred-dir``),
     one per person-size bucket (see :func:`size_bucket_map`), each image's mIoU at the finest
     level, and the ``keep_worst`` images of lowest mIoU. With ``save_dir``, each prediction is
-    also written as ``<id>.png`` so it can be rescored or inspected.
+    also written as ``<id>.png`` so it can be rescored or inspected (never into the split's own
+    image or mask folder, whose ``<id>.png`` masks it would replace).
 
     A model whose tree differs from the dataset's (a part model on person masks, or the
     reverse) is scored at the level both share: person vs background, in the ``person`` tree.
