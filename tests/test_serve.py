@@ -403,3 +403,21 @@ def test_serve_command_refuses_bad_options_in_one_line(args, words):
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith("error: ") and words in lines[0], result.output
+
+
+def test_serve_command_names_a_port_in_use_before_loading_models():
+    import socket
+
+    from typer.testing import CliRunner
+
+    from hiseg.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # a model that can't load would be the error if the address were tried after loading
+        result = CliRunner().invoke(app, ["serve", "--port", str(port), "-m", "nobody"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0] == f"error: 127.0.0.1:{port}: cannot listen there (Address already in use)"

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import hmac
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -471,10 +472,25 @@ def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
         pass
 
 
+class AddressError(HisegError):
+    """The service cannot listen on the address it was given."""
+
+
+def check_address(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise AddressError(f"{host}:{port}: cannot listen there ({err.strerror})") from None
+
+
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the service with uvicorn until interrupted."""
+    """Run the service with uvicorn until interrupted. The address is tried first, so a port in
+    use is one error line before any model loads (uvicorn would log it between start and stop)."""
     import uvicorn
 
+    check_address(host, port)
     fixed_mmap_threshold()
     app = create_app(settings)
     # Connections beyond this get uvicorn's own 503: bounds the uploads held in memory at once.
