@@ -44,6 +44,7 @@ from hiseg.pipeline import normalize
 from hiseg.predictor import Backend, Predictor
 from hiseg.progress import ProgressLog, use_progress_bar
 from hiseg.pseudo import PseudoLabels
+from hiseg.runner import publish
 from hiseg.spec import METADATA_KEY, ModelSpec
 from hiseg.taxonomy import IGNORE_VALUE, Tree
 from hiseg.visualize import overlay
@@ -477,7 +478,8 @@ def build_trainer(config: Config, folder: Path, track: bool) -> L.Trainer:
             resumed=run_id is not None,
         )
         folder.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(logger.run_id)
+        run_id = logger.run_id
+        publish(id_file, lambda tmp: tmp.write_text(run_id))  # a resume reads it whole
         callbacks.append(SampleImages())
     return L.Trainer(
         accelerator=t.accelerator,
@@ -641,7 +643,8 @@ def save_resolved_config(config: Config, folder: Path) -> Path:
     """The full config this run uses (defaults included) as ``config.yaml`` in the run folder,
     so a run can be reproduced or resumed without the command line that started it."""
     path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    publish(path, lambda tmp: tmp.write_text(text))
     return path
 
 
