@@ -362,7 +362,8 @@ def open_dataset(root: str | Path, split: str, format: str = "auto") -> Dataset:
     fmt = resolve_format(root, format)
     splits = FORMATS[fmt].splits(root)
     if split not in splits:
-        raise DatasetError(f"{root}: no split '{split}' in this {fmt} dataset (splits: {splits})")
+        listed = ", ".join(splits)
+        raise DatasetError(f"{root}: no split '{split}' in this {fmt} dataset (splits: {listed})")
     return FORMATS[fmt](root, split)
 
 
