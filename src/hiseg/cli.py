@@ -580,7 +580,15 @@ def check_engine(engine: str, address: str | None, workers: int | None) -> str:
     return engine
 
 
-def predict_with_ray(texts, out, levels, summary, options, address, workers) -> None:
+def predict_with_ray(
+    texts: list[str],
+    out: Path,
+    levels: bool,
+    summary: bool,
+    options: dict[str, Any],
+    address: str | None,
+    workers: int | None,
+) -> None:
     """``hiseg predict --engine ray``: the local engine's outputs and printout, plus the skipped
     inputs (finished by an earlier run) and failed.csv."""
     from hiseg.distributed import predict_on_ray
