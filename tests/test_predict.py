@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -110,7 +112,19 @@ def test_absent_webcam_is_reported_not_hung(tiny_checkpoint, tmp_path):
         app, ["predict", "--source", "7", "-m", str(tiny_checkpoint), "-o", str(tmp_path)]
     )
     assert result.exit_code == 1
-    assert "webcam 7: cannot open the video or camera" in result.output
+    assert "webcam 7: no such camera, or it is busy" in result.output
+
+
+def test_a_file_that_is_no_video_is_one_line_of_ours(tmp_path):
+    """Not OpenCV's or FFmpeg's own lines first (they write to the process's stderr directly)."""
+    fake = tmp_path / "clip.mp4"
+    fake.write_text("not a video")
+    command = [sys.executable, "-m", "hiseg", "predict", str(fake), "-o", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    reason = f"✗ {fake}: not a video OpenCV can read (unknown or corrupt format)"
+    assert lines == ["segmented 0 of 1 input(s); nothing saved", reason], lines
 
 
 def test_clean_removes_islands_and_fills_holes():

@@ -669,6 +669,7 @@ def predict_command(
     the signal number. Videos and webcams are smoothed over time unless --no-smooth.
     """
     from hiseg.runner import Saver, expand_sources, run, stop_on_signals
+    from hiseg.video import quiet_video_backends
 
     texts = list(inputs or []) + ([source] if source is not None else [])
     if not texts:
@@ -683,6 +684,7 @@ def predict_command(
         predict_with_ray(texts, out, levels, summary, options, address, workers)
         return
     found = expand_sources(texts)
+    quiet_video_backends()  # hiseg's line names a video that fails, not FFmpeg's before it
     if out.resolve() in {folder.resolve() for folder in found.folders}:
         raise fail(f"--out {out} is also an input folder: its results would become inputs")
     saver = Saver(out, levels=levels, summary=summary)

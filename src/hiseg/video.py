@@ -19,6 +19,7 @@ where a core is free the other steps hide behind the network.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable
@@ -108,6 +109,14 @@ class TemporalSmoother:
 # -- frames in, frames out --------------------------------------------------------------------
 
 
+def quiet_video_backends() -> None:
+    """Silence OpenCV's and FFmpeg's own lines on a file or camera that can't be opened: they
+    would come before hiseg's one-line reason and say less. A user's OPENCV_* setting wins."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # read when FFmpeg first opens a file
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def frames(source: Source) -> tuple[Generator[np.ndarray, None, None], float, int]:
     """RGB frames of a video or webcam, its frame rate and frame count (0 when unknown)."""
     if source.camera is not None:
@@ -115,7 +124,12 @@ def frames(source: Source) -> tuple[Generator[np.ndarray, None, None], float, in
     else:
         capture = cv2.VideoCapture(str(source.path))
     if not capture.isOpened():
-        raise ImageReadError(str(source), "cannot open the video or camera")
+        reason = (
+            "no such camera, or it is busy"
+            if source.camera is not None
+            else "not a video OpenCV can read (unknown or corrupt format)"
+        )
+        raise ImageReadError(str(source), reason)
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else 0
 
