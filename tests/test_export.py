@@ -182,6 +182,12 @@ def test_onnx_prediction_never_imports_torch(onnx_path, val):
     subprocess.run([sys.executable, "-c", code, onnx_path, image], check=True, timeout=120)
 
 
+def test_checking_an_export_on_no_image_is_a_model_error(tmp_path):
+    """An empty val split: named as such, not reported as an export that disagrees."""
+    with pytest.raises(ModelError, match=r"tiny\.onnx: no image to check the export on"):
+        validate_export(tmp_path / "tiny.ckpt", tmp_path / "tiny.onnx", [])
+
+
 def test_int8_without_calibration_images_is_a_model_error(tmp_path):
     """E.g. an empty calibration split: named, before any file is read or written."""
     with pytest.raises(ModelError, match=r"tiny\.onnx: int8 calibration needs at least one"):
