@@ -317,6 +317,17 @@ def test_a_malformed_manifest_is_one_dataset_error(photos, tmp_path, change, rea
     assert str(out / MANIFEST) in str(caught.value)
 
 
+def test_a_fresh_run_never_replaces_files_it_did_not_write(photos, tmp_path):
+    out = tmp_path / "labels"
+    out.mkdir()
+    (out / "1.png").write_bytes(b"someone else's file")
+    result = label("-m", "person", "--data", str(photos), "-o", str(out), "--mode", "hard")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "1.png: exists, and no manifest.json says" in " ".join(result.output.split())
+    assert sorted(p.name for p in out.iterdir()) == ["1.png"]
+    assert (out / "1.png").read_bytes() == b"someone else's file"
+
+
 def test_cli_refuses_bad_options_in_one_line(photos, tmp_path):
     for args, reason in [
         ([], "give the teacher with -m"),

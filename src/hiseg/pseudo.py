@@ -215,11 +215,19 @@ def label_photos(
     if progress and report.skipped:
         progress(report.skipped)
     suffix = ".npz" if mode == "soft" else ".png"
+    if not path.exists():  # a fresh run: every file it would replace belongs to someone else
+        taken = [out / f"{p.stem}{suffix}" for p in todo if (out / f"{p.stem}{suffix}").exists()]
+        if taken:
+            raise PseudoLabelError(
+                f"{taken[0]}: exists, and no {MANIFEST} says a pseudo-label run wrote it "
+                f"({len(taken)} such file(s)); choose an empty folder"
+            )
 
     def save_manifest() -> None:
         manifest["failed"] = [{"image": p, "reason": r} for p, r in report.failed]
         publish(path, json_writer(manifest))
 
+    save_manifest()  # before any label, so a run killed at once is resumed, not refused
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
