@@ -200,6 +200,19 @@ def test_benchmark_of_no_model_file_is_a_model_error(tmp_path):
         benchmark(tmp_path / "missing.onnx")
 
 
+def test_benchmarking_only_checkpoints_without_torch_is_refused(tmp_path, monkeypatch):
+    """It returned no row at all, which printed an empty table as if it had run."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "torch" else find_spec(name)
+    )
+    (tmp_path / "run.ckpt").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"run\.ckpt: timing a \.ckpt needs torch"):
+        benchmark(tmp_path / "run.ckpt")
+
+
 def test_benchmark_rows_are_timed_in_turns():
     calls = []
     times = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3, 1)

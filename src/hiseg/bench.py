@@ -80,11 +80,13 @@ def benchmark(
     """
     models = [model] if isinstance(model, (str, Path)) else model
     paths = list(dict.fromkeys(p for m in models for p in model_variants(m)))
+    given = ", ".join(str(m) for m in models)
     if not paths:
-        given = ", ".join(str(m) for m in models)
         raise ModelError(f"{given}: no such model file (nor its .onnx / .int8.onnx sibling)")
     if importlib.util.find_spec("torch") is None:
         paths = [p for p in paths if p.suffix != ".ckpt"]
+        if not paths:  # an empty table would look like a benchmark that ran
+            raise ModelError(f"{given}: timing a .ckpt needs torch: pip install 'hiseg[train]'")
     rng = np.random.default_rng(0)
     photo = image if image is not None else rng.integers(0, 256, (*PHOTO_HW, 3), np.uint8)
     jobs: list[tuple[dict[str, Any], Callable[[], object]]] = []
