@@ -208,6 +208,10 @@ def test_eval_and_bench_outputs_are_checked_first(tmp_path):
     a_file.write_text("x")
     data = tmp_path / "no-data"  # would be the error if the outputs were checked later
     one_error_line(cli("eval", "--data", data, "-m", "person", "--json", tmp_path), "--json")
+    one_error_line(  # the path given is named, then what is wrong with it
+        cli("eval", "--data", data, "-m", "person", "--json", a_file / "s.json"),
+        f"--json {a_file / 's.json'}: {a_file} is a file, not a folder",
+    )
     one_error_line(
         cli("eval", "--data", data, "-m", "person", "--save-pred", a_file / "p"), "--save-pred"
     )

@@ -95,8 +95,8 @@ def _decode(source: Path | io.BytesIO, path: str | Path, max_pixels: int) -> Ima
         raise ImageTooLargeError(path, reason) from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = str(err) or type(err).__name__
-        if "truncated" in reason.lower():
-            reason = f"truncated image data ({reason})"
+        if "truncated" in reason.lower():  # PIL's words vary by format; one reason for all
+            reason = "truncated image data (the file ends before the image does)"
         raise ImageReadError(path, reason) from None
     return img
 

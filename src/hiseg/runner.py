@@ -213,6 +213,8 @@ def writable_file(path: Path, option: str) -> Path:
     """``path`` once its folder is known writable and it is not itself a folder."""
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a folder, not a file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise OutputError(f"{option} {path}: {path.parent} is a file, not a folder")
     writable_folder(path.parent, option)
     return path
 
