@@ -99,3 +99,14 @@ def test_top_level_api_names_its_result_and_prints_it_short():
     result = hiseg.load().predict(smooth_photo(300, 200, 5))
     # a list of results must print as a few lines, not as whole image arrays
     assert repr(result) == "Result(path=None, size=200x300, tree='pascal-person-part')"
+
+
+def test_an_ensemble_of_two_trees_is_refused_saying_why():
+    from hiseg.spec import ModelError
+
+    with pytest.raises(
+        ModelError,
+        match=r"person.onnx: its tree 'person' differs from "
+        r"'pascal-person-part' \(.*must share one tree\)",
+    ):
+        load(["pascal-person-part", "person"])

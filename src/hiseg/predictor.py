@@ -286,7 +286,10 @@ class Predictor:
         tree = backends[0].tree
         for b in backends[1:]:
             if not b.tree.same_as(tree):
-                raise ModelError(f"{b.name}: its tree '{b.tree.name}' differs from '{tree.name}'")
+                raise ModelError(
+                    f"{b.name}: its tree '{b.tree.name}' differs from '{tree.name}' (the models "
+                    "of an ensemble average their leaves, so they must share one tree)"
+                )
         low, high = LONG_SIDE_RANGE
         if long_side is not None and not low <= long_side <= high:
             raise ModelError(f"long_side must be between {low} and {high} pixels, not {long_side}")
