@@ -23,8 +23,10 @@ $(VENV)/.dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 
 # Segments the bundled public-domain photos with the bundled model, on ONNX Runtime.
 demo: $(VENV)/.runtime
+	rm -rf runs/demo  # the demo's own outputs, remade on each run
 	$(BIN)/hiseg predict examples/astronaut.jpg examples/group.jpg --levels --json -o runs/demo
 	@echo "label maps, overlays, one mask per level and JSON summaries are in runs/demo/"
+	@echo "next: source .venv/bin/activate, then hiseg predict YOUR_PHOTOS (hiseg --help)"
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks
