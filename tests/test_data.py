@@ -150,6 +150,17 @@ def test_eval_prediction_dir(tmp_path):
     assert "--long-side, --accurate apply to a model" in " ".join(result.output.split())
 
 
+def test_long_runs_off_a_terminal_print_progress_lines(tmp_path):
+    """A log file gets a line at every tenth of a long run (a Rich bar draws nothing there)."""
+    make_pascal_layout(tmp_path / "ppp", n=20)
+    preds = save_perfect_predictions(open_dataset(tmp_path / "ppp", "val"), tmp_path / "preds")
+    args = ["eval", "--data", str(tmp_path / "ppp"), "--split", "val", "--pred-dir", str(preds)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("scoring val: ")]
+    assert lines == [f"scoring val: {n}/20" for n in range(2, 21, 2)]
+
+
 def check(*args: str):
     return runner.invoke(app, ["data", "check", *map(str, args)])
 

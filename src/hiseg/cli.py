@@ -75,10 +75,27 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+LOG_PROGRESS_FROM = 20  # inputs; shorter runs off a terminal print only their result
+
+
 @contextmanager
 def progress_bar(total: int, description: str) -> Iterator[Callable[..., None]]:
     """A Rich progress bar; yields ``advance(n, new_description=None)`` (a video's frames update
-    the description between inputs). Hidden when output is not a terminal."""
+    the description between inputs). Off a terminal (a log file, nohup) a bar draws nothing, so
+    a long run prints a plain line at every tenth of its total instead."""
+    if not err_console.is_terminal:
+        done, shown = 0, 0
+
+        def log(n: int, new_description: str | None = None) -> None:
+            nonlocal done, shown
+            done += n
+            tenth = 10 * done // total if total >= LOG_PROGRESS_FROM else 0
+            if tenth > shown:
+                shown = tenth
+                err_console.print(f"{description}: {done}/{total}", highlight=False)
+
+        yield log
+        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
