@@ -448,3 +448,11 @@ def test_a_signal_mid_video_keeps_the_frames_done(tmp_path):
     assert 0 < int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) < 400
     ok, frame = capture.read()
     assert ok and frame.shape[0] == 72
+
+
+def test_a_failed_name_with_brackets_is_printed_whole(tmp_path):
+    bad = tmp_path / "shot[b].jpg"  # Rich would read [b] as markup (bold) and drop it
+    bad.write_text("not an image")
+    result = cli("predict", bad, *FAST, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert f"✗ {bad}: not an image" in result.output

@@ -30,6 +30,7 @@ from hiseg.data import (
 )
 from hiseg.errors import HisegError
 from hiseg.evaluation import EvaluationError, score_prediction_dir
+from hiseg.metrics import format_score
 from hiseg.pipeline import LONG_SIDE_RANGE, SCALE_RANGE
 from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
 
@@ -178,7 +179,7 @@ def data_check(
         with progress_bar(len(dataset), f"checking {name}") as advance:
             found = check_dataset(dataset, advance)
         for problem in found:
-            console.print(f"[red]✗[/] {problem}", highlight=False)
+            console.print(f"[red]✗[/] {escape(str(problem))}", highlight=False)
         status = "[green]ok[/]" if not found else f"[red]{len(found)} problem(s)[/]"
         console.print(f"{dataset.format} {name}: {len(dataset)} samples, {status}", highlight=False)
         problems.extend(found)
@@ -507,10 +508,6 @@ def evaluate(
             console.print(f"logged to MLflow run {run_id}", highlight=False)
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def print_scores(scores: dict[str, Any], split_size: int) -> None:
     """The per-level table that ``hiseg eval`` prints, then its lowest-scoring images."""
     if scores["n_images"] != split_size:  # --limit: not the whole split's score
@@ -523,13 +520,18 @@ def print_scores(scores: dict[str, Any], split_size: int) -> None:
     for k, level in scores["levels"].items():
         for node, iou in level["iou"].items():
             style = "dim" if node == BACKGROUND else None
-            table.add_row("", node, _fmt(iou), _fmt(level["dice"][node]), style=style)
-        table.add_row(f"mIoU{k}", "(background excluded)", _fmt(level["miou"]), "", style="bold")
+            table.add_row(
+                "", node, format_score(iou), format_score(level["dice"][node]), style=style
+            )
+        table.add_row(
+            f"mIoU{k}", "(background excluded)", format_score(level["miou"]), "", style="bold"
+        )
         table.add_section()
     console.print(table)
     console.print(
-        f"mIoU over all leaves with background: {_fmt(scores['miou_all_with_background'])}   "
-        f"pixel accuracy: {_fmt(scores['pixel_accuracy'])}",
+        "mIoU over all leaves with background: "
+        f"{format_score(scores['miou_all_with_background'])}   "
+        f"pixel accuracy: {format_score(scores['pixel_accuracy'])}",
         highlight=False,
     )
     if "by_size" in scores:
@@ -539,11 +541,13 @@ def print_scores(scores: dict[str, Any], split_size: int) -> None:
         for k in scores["levels"]:
             table.add_column(f"mIoU{k}", justify="right")
         for bucket, s in scores["by_size"].items():
-            levels = [_fmt(level["miou"]) for level in s["levels"].values()]
+            levels = [format_score(level["miou"]) for level in s["levels"].values()]
             table.add_row(bucket, str(s["regions"]), *levels)
         console.print(table)
     if scores.get("worst"):
-        worst = ", ".join(f"{item['id']} ({_fmt(item['miou'])})" for item in scores["worst"])
+        worst = ", ".join(
+            f"{item['id']} ({format_score(item['miou'])})" for item in scores["worst"]
+        )
         console.print(f"lowest mIoU: {worst}", highlight=False)
 
 
@@ -617,20 +621,10 @@ def predict_with_ray(
         job = predict_on_ray(texts, saver, options, address, workers, lambda: advance(1))
     report = job.report
     summary_path = saver.write_summary(report, job.inputs)
-    if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
-        for item in report.summaries:
-            print_summary(item)
     n_ok = len(report.summaries)
-    done = f"segmented {n_ok} of {job.inputs} input(s)"
-    if job.skipped:
-        done += f" ({job.skipped} done by an earlier run, skipped)"
-    if report.stopped:
-        done = f"stopped by {signal.Signals(report.stopped).name}: {done}"
-    console.print(f"{done}; results saved to {out}/", highlight=False)
-    for path in (summary_path, job.failed_csv):
-        if path:
-            console.print(f"{path.stem}: {path}", highlight=False)
-    finish_run(report, job.renamed, out)
+    skipped = f" ({job.skipped} done by an earlier run, skipped)" if job.skipped else ""
+    files = {"summary": summary_path, "failed": job.failed_csv}
+    finish_run(report, n_ok, job.inputs, out, job.renamed, files, skipped)
 
 
 @app.command("predict")
@@ -733,26 +727,35 @@ def predict_command(
         report.failed[:0] = found.failed
         report.done += len(found.failed)
         summary_path = saver.write_summary(report, n_inputs)
+    n_ok = report.done - len(report.failed)
+    if found.repeats:
+        console.print(f"note: {found.repeats} repeated path(s) to an input were skipped")
+    finish_run(report, n_ok, n_inputs, out, saver.renamed, {"summary": summary_path})
+
+
+def finish_run(
+    report: RunReport,
+    n_ok: int,
+    n_inputs: int,
+    out: Path,
+    renamed: Sequence[tuple[str, str]],
+    files: dict[str, Path | None],
+    detail: str = "",
+) -> None:
+    """The end of a predict run, local or on Ray: the per-image tables of a short run, the
+    count, the run's files (summary.json, failed.csv), renamed outputs, each failure, and the
+    exit code (128 + signal when stopped, 1 when an input failed)."""
     if len(report.summaries) <= SUMMARY_TABLES_UP_TO:
         for item in report.summaries:
             print_summary(item)
-    n_ok = report.done - len(report.failed)
-    done = f"segmented {n_ok} of {n_inputs} input(s)"
+    done = f"segmented {n_ok} of {n_inputs} input(s){detail}"
     if report.stopped:
         done = f"stopped by {signal.Signals(report.stopped).name}: {done}"
-    console.print(
-        f"{done}; " + (f"results saved to {out}/" if n_ok else "nothing saved"), highlight=False
-    )
-    if summary_path:
-        console.print(f"summary: {summary_path}", highlight=False)
-    if found.repeats:
-        console.print(f"note: {found.repeats} repeated path(s) to an input were skipped")
-    finish_run(report, saver.renamed, out)
-
-
-def finish_run(report: RunReport, renamed: Sequence[tuple[str, str]], out: Path) -> None:
-    """The end of a predict run, local or on Ray: renamed outputs, each failure, and the exit
-    code (128 + signal when stopped, 1 when an input failed)."""
+    saved = f"results saved to {out}/" if n_ok else "nothing saved"
+    console.print(f"{done}; {saved}", highlight=False)
+    for what, path in files.items():
+        if path:
+            console.print(f"{what}: {path}", highlight=False)
     if renamed:
         shown = ", ".join(f"{a} -> {b}" for a, b in renamed[:3])
         more = ", ..." if len(renamed) > 3 else ""
@@ -762,7 +765,7 @@ def finish_run(report: RunReport, renamed: Sequence[tuple[str, str]], out: Path)
             highlight=False,
         )
     for name, reason in report.failed:
-        err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
+        err_console.print(f"[red]✗[/] {escape(name)}: {escape(reason)}", highlight=False)
     if report.stopped:
         raise typer.Exit(128 + report.stopped)
     if report.failed:
@@ -823,7 +826,7 @@ def pseudo_label_command(
             highlight=False,
         )
     for name, reason in report.failed:
-        err_console.print(f"[red]✗[/] {name}: {reason}", highlight=False)
+        err_console.print(f"[red]✗[/] {escape(name)}: {escape(reason)}", highlight=False)
     if report.failed:
         raise typer.Exit(1)
 
@@ -897,7 +900,7 @@ def export_command(
         table.add_column(column, justify="left" if column == "level" else "right")
     for k, drop in report["drop"].items():
         fp32, q = report["fp32"][k], report["int8"][k]
-        table.add_row(k, _fmt(fp32), _fmt(q), f"{drop:+.4f}")
+        table.add_row(k, format_score(fp32), format_score(q), f"{drop:+.4f}")
     console.print(table)
     size = f"{report['int8_mb']:.1f} MB vs {report['fp32_mb']:.1f} MB"
     if report["kept"]:

@@ -115,3 +115,8 @@ def nanmean(values) -> float | None:
 
 def none_if_nan(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
+
+
+def format_score(value: float | None) -> str:
+    """A score as printed in tables and reports: 4 decimals, ``n/a`` for a class never seen."""
+    return "n/a" if value is None else f"{value:.4f}"

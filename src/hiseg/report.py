@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from hiseg.evaluation import EvalResult, Example
+from hiseg.metrics import format_score
 from hiseg.runner import json_writer, publish
 from hiseg.taxonomy import BACKGROUND, Tree
 from hiseg.visualize import overlay
@@ -49,10 +50,6 @@ def _unit_rgb(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
     """A 0..255 colour as matplotlib's 0..1 triple."""
     r, g, b = rgb
     return (r / 255, g / 255, b / 255)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def confusion_file(k: int) -> str:
@@ -137,18 +134,24 @@ def _markdown(scores: dict[str, Any], result: EvalResult) -> str:
         f"# Evaluation: {tree.name}",
         "",
         f"{scores['n_images']} images, {scores['n_pixels']} labelled pixels. "
-        f"Pixel accuracy {_fmt(scores['pixel_accuracy'])}; mIoU over all leaves with background "
-        f"{_fmt(scores['miou_all_with_background'])}.",
+        f"Pixel accuracy {format_score(scores['pixel_accuracy'])}; "
+        f"mIoU over all leaves with background {format_score(scores['miou_all_with_background'])}.",
         "",
         "## IoU per level",
         "",
         "mIoU is the mean over the non-background nodes; one confusion matrix over the split.",
     ]
     for k, level in scores["levels"].items():
-        lines += ["", f"### Level {k}: mIoU {_fmt(level['miou'])}", "", "| node | IoU | Dice |"]
+        lines += [
+            "",
+            f"### Level {k}: mIoU {format_score(level['miou'])}",
+            "",
+            "| node | IoU | Dice |",
+        ]
         lines.append("| --- | ---: | ---: |")
         lines += [
-            f"| {n} | {_fmt(iou)} | {_fmt(level['dice'][n])} |" for n, iou in level["iou"].items()
+            f"| {n} | {format_score(iou)} | {format_score(level['dice'][n])} |"
+            for n, iou in level["iou"].items()
         ]
         lines += ["", f"![confusion level {k}]({confusion_file(int(k))})"]
     levels = list(scores["levels"])
@@ -164,7 +167,7 @@ def _markdown(scores: dict[str, Any], result: EvalResult) -> str:
         "| --- | ---: | ---: | " + " | ".join("---:" for _ in levels) + " |",
     ]
     for name, b in scores["by_size"].items():
-        cells = " | ".join(_fmt(b["levels"][k]["miou"]) for k in levels)
+        cells = " | ".join(format_score(b["levels"][k]["miou"]) for k in levels)
         lines.append(f"| {name} | {b['regions']} | {b['n_images']} | {cells} |")
     lines += ["", f"![IoU by person size]({BY_SIZE_FILE})"]
     if result.worst:
