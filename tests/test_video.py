@@ -20,8 +20,10 @@ from hiseg.pipeline import Geometry, Probabilities
 from hiseg.runner import Saver, Source, run
 from hiseg.video import (
     Background,
+    OverlayWriter,
     SmoothingError,
     TemporalSmoother,
+    VideoWriteError,
     read_ahead,
     segment_video,
 )
@@ -268,3 +270,10 @@ def test_a_failure_mid_video_stops_every_thread(predictor, clip, tmp_path):
         segment_video(Failing(), Source("video", clip), tmp_path / "out.mp4")  # type: ignore[arg-type]
     assert not [t for t in threading.enumerate() if t.name in ("hiseg-read", "hiseg-write")]
     assert len(video_frames(tmp_path / "out.mp4")) <= 2
+
+
+def test_an_overlay_video_that_cannot_be_written_is_a_named_error(predictor, tmp_path):
+    out = tmp_path / "no-such-folder" / "clip.mp4"
+    result = predictor.predict(np.zeros((48, 64, 3), np.uint8))
+    with pytest.raises(VideoWriteError, match=r"no-such-folder/clip\.mp4: OpenCV cannot write"):
+        OverlayWriter(out, 25.0)(result)

@@ -204,18 +204,18 @@ def _metric_tag(bucket: str) -> str:
     return bucket.replace("<", "lt").replace(">", "gt").replace("%", "pct")
 
 
-def flat_metrics(scores: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+def flat_metrics(scores: dict[str, Any]) -> dict[str, float]:
     """The scalar scores under MLflow names like the training's (``eval/miou2``)."""
     out = {
-        f"{prefix}/pixel_accuracy": scores["pixel_accuracy"],
-        f"{prefix}/miou_all_with_background": scores["miou_all_with_background"],
+        "eval/pixel_accuracy": scores["pixel_accuracy"],
+        "eval/miou_all_with_background": scores["miou_all_with_background"],
     }
     for k, level in scores["levels"].items():
-        out[f"{prefix}/miou{k}"] = level["miou"]
-        out.update({f"{prefix}/iou{k}/{n}": v for n, v in level["iou"].items()})
+        out[f"eval/miou{k}"] = level["miou"]
+        out.update({f"eval/iou{k}/{n}": v for n, v in level["iou"].items()})
     for name, bucket in scores.get("by_size", {}).items():
         for k, level in bucket["levels"].items():
-            out[f"{prefix}/size_{_metric_tag(name)}/miou{k}"] = level["miou"]
+            out[f"eval/size_{_metric_tag(name)}/miou{k}"] = level["miou"]
     return {key: float(v) for key, v in out.items() if v is not None}
 
 

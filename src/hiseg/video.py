@@ -109,6 +109,10 @@ class TemporalSmoother:
 # -- frames in, frames out --------------------------------------------------------------------
 
 
+class VideoWriteError(HisegError):
+    """An overlay video that cannot be written."""
+
+
 def quiet_video_backends() -> None:
     """Silence OpenCV's and FFmpeg's own lines on a file or camera that can't be opened: they
     would come before hiseg's one-line reason and say less. A user's OPENCV_* setting wins."""
@@ -272,6 +276,8 @@ class OverlayWriter:
             self._writer = cv2.VideoWriter(
                 str(self.out), cv2.VideoWriter.fourcc(*"mp4v"), self.fps, (w, h)
             )
+            if not self._writer.isOpened():  # else every frame would be dropped in silence
+                raise VideoWriteError(f"{self.out}: OpenCV cannot write an mp4v video there")
         self._writer.write(picture)
         self.count += 1
 
