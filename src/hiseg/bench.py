@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from hiseg.files import publish
 from hiseg.pipeline import prepare
 from hiseg.predictor import Backend, Predictor, load_backend
-from hiseg.runner import publish
 from hiseg.spec import ModelError
 
 INT8_SUFFIX = ".int8.onnx"

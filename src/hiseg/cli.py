@@ -30,6 +30,7 @@ from hiseg.data import (
 )
 from hiseg.errors import HisegError
 from hiseg.evaluation import EvaluationError, score_prediction_dir
+from hiseg.files import json_writer, publish, writable_file, writable_folder
 from hiseg.metrics import format_score
 from hiseg.pipeline import LONG_SIDE_RANGE, SCALE_RANGE
 from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
@@ -197,7 +198,6 @@ def data_stats(
     out: Path = typer.Option(Path("runs/stats"), help="Folder for the PNG and JSON."),
 ) -> None:
     """Image sizes, pixel share per node per level, and person sizes, as tables and a PNG."""
-    from hiseg.runner import json_writer, publish
 
     for dataset in _datasets(path, split, format):
         name = dataset.split
@@ -430,7 +430,6 @@ def evaluate(
     workers: int | None = WORKERS,
 ) -> None:
     """Score a model (or a folder of predictions) per level of the class tree."""
-    from hiseg.runner import json_writer, publish, writable_file, writable_folder
 
     if (model is None) == (pred_dir is None):
         raise fail("give either --model (one or more) or --pred-dir")
@@ -932,7 +931,6 @@ def bench_command(
     """Latency (median, p90) and images/s of the network and of predict, per runtime."""
     from hiseg.bench import benchmark, write_markdown
     from hiseg.images import as_rgb
-    from hiseg.runner import writable_file
 
     try:
         long_sides = [int(s) for s in sizes.split(",")]

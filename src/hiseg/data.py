@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from hiseg.errors import HisegError
+from hiseg.files import publish
 from hiseg.images import IMAGE_SUFFIXES, MASK_SUFFIXES, ImageReadError, read_image, read_mask
 from hiseg.taxonomy import BACKGROUND, IGNORE_VALUE, Tree, load_tree
 
@@ -493,7 +494,6 @@ class DatasetStats:
             ax.set(title=f"level {k} pixel share (bg {bg:.1f}%)", xlabel="% of pixels")
         fig.suptitle(f"{self.tree.name}")
         fig.tight_layout()
-        from hiseg.runner import publish  # written whole or not at all
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hiseg.errors import HisegError
+from hiseg.files import OutputError, publish
 from hiseg.images import ImageReadError
-from hiseg.runner import Inputs, OutputError, RunReport, Saver, expand_sources, publish
+from hiseg.runner import Inputs, RunReport, Saver, expand_sources
 
 if TYPE_CHECKING:
     from hiseg.data import Dataset

@@ -27,6 +27,7 @@ from hiseg.data import (
     size_bucket,
 )
 from hiseg.errors import HisegError
+from hiseg.files import png_writer, publish
 from hiseg.images import ImageReadError, read_mask
 from hiseg.metrics import ConfusionMatrix
 from hiseg.taxonomy import Tree, load_tree
@@ -210,7 +211,6 @@ def evaluate_model(
         regions=dict.fromkeys(BUCKET_NAMES, 0),
     )
     if save_dir is not None:
-        from hiseg.runner import png_writer, publish  # lazily: the CLI imports this module
 
         save_dir = Path(save_dir)
         folders = {p.parent for s in dataset.samples for p in (s.image_path, s.mask_path) if p}

@@ -37,11 +37,11 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from hiseg import __version__
 from hiseg.bench import int8_path
 from hiseg.data import Dataset
+from hiseg.files import publish
 from hiseg.metrics import ConfusionMatrix
 from hiseg.models import load_checkpoint
 from hiseg.pipeline import prepare
 from hiseg.predictor import load, load_backend, torch_backend
-from hiseg.runner import publish
 from hiseg.spec import METADATA_KEY, ModelError, ModelSpec
 
 INPUT, OUTPUT = "image", "logits"

@@ -31,9 +31,9 @@ import numpy as np
 
 from hiseg.data import Dataset, DatasetError, Sample, _natural_key
 from hiseg.errors import HisegError
+from hiseg.files import json_writer, png_writer, publish, writable_folder
 from hiseg.images import IMAGE_SUFFIXES, ImageReadError, read_mask
 from hiseg.predictor import Predictor, Result
-from hiseg.runner import json_writer, png_writer, publish, writable_folder
 from hiseg.taxonomy import IGNORE_VALUE, Tree, TreeError
 
 MANIFEST = "manifest.json"

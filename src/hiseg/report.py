@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from hiseg.evaluation import EvalResult, Example
+from hiseg.files import json_writer, publish
 from hiseg.metrics import format_score
-from hiseg.runner import json_writer, publish
 from hiseg.taxonomy import BACKGROUND, Tree
 from hiseg.visualize import overlay
 

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import os
 import signal
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from hiseg.errors import HisegError
+from hiseg.files import json_writer, png_writer, publish, unlink_all, writable_folder
 from hiseg.images import IMAGE_SUFFIXES, ImageReadError
 from hiseg.predictor import Predictor, Result
 from hiseg.taxonomy import Tree
@@ -40,10 +38,6 @@ GLOB_CHARS = "*?["
 #: Stems are cut to this many bytes, so that with their suffixes (``_overlay.jpg``,
 #: ``_level2.png``, ``_2``) names stay under the usual 255-byte limit of file systems.
 MAX_STEM_BYTES = 200
-
-
-class OutputError(HisegError):
-    """The output location cannot be used; found before any work starts."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -187,38 +181,6 @@ def expand_sources(texts: list[str]) -> Inputs:
     return inputs
 
 
-def _probe_writable(folder: Path, option: str) -> None:
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".hiseg-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputError(f"{option} {folder}: cannot write there ({err.strerror})") from None
-
-
-def writable_folder(folder: Path, option: str = "--out") -> Path:
-    """``folder``, created if needed, once a file was written and removed in it; else a clear
-    :class:`OutputError` naming the option, so a bad location fails before any work starts."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{option} {folder}: is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{option} {folder}: cannot create the folder ({err.strerror})") from None
-    _probe_writable(folder, option)
-    return folder
-
-
-def writable_file(path: Path, option: str) -> Path:
-    """``path`` once its folder is known writable and it is not itself a folder."""
-    if path.is_dir():
-        raise OutputError(f"{option} {path}: is a folder, not a file")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise OutputError(f"{option} {path}: {path.parent} is a file, not a folder")
-    writable_folder(path.parent, option)
-    return path
-
-
 class Saver:
     """Writes results under ``out``: every input's names claimed exclusively, every file
     written to a hidden temporary name and renamed into place."""
@@ -249,12 +211,12 @@ class Saver:
                     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
                     claimed.append(path)
             except FileExistsError:
-                _unlink(claimed)
+                unlink_all(claimed)
                 i += 1
                 candidate = f"{stem}_{i}"
                 continue
             except BaseException:
-                _unlink(claimed)
+                unlink_all(claimed)
                 raise
             if candidate != stem:
                 self.renamed.append((stem, candidate))
@@ -282,7 +244,7 @@ class Saver:
             if self.summary:
                 publish(paths[-1], json_writer(result.summary()))
         except BaseException:
-            _unlink(paths)
+            unlink_all(paths)
             raise
         return paths
 
@@ -305,7 +267,7 @@ class Saver:
         try:
             publish(path, write)
         except BaseException:
-            _unlink([path])
+            unlink_all([path])
             raise
         return path
 
@@ -325,38 +287,6 @@ class Saver:
         }
         publish(path, json_writer(summary))
         return path
-
-
-def publish(path: Path, write: Callable[[Path], Any]) -> Any:
-    """``write(temporary)`` then rename onto ``path``: readers see the whole file or none. The
-    temporary name is hidden (leading dot), keeps the suffix (writers pick formats by it) and
-    is removed if anything fails."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        value = write(tmp)
-        os.replace(tmp, path)
-    finally:
-        _unlink([tmp])
-    return value
-
-
-def png_writer(array: np.ndarray) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
-        Image.fromarray(array).save(tmp, "PNG")
-
-    return write
-
-
-def json_writer(data: Any) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(data, indent=2))
-
-    return write
-
-
-def _unlink(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from hiseg.augment import train_transform
 from hiseg.config import Config, ConfigError
 from hiseg.data import Dataset, DatasetError, open_dataset, read_id_list
 from hiseg.errors import HisegError
+from hiseg.files import publish
 from hiseg.losses import build_loss
 from hiseg.metrics import ConfusionMatrix
 from hiseg.models import ARCHITECTURES, create_model, load_checkpoint, preprocessing
@@ -44,7 +45,6 @@ from hiseg.pipeline import normalize
 from hiseg.predictor import Backend, Predictor
 from hiseg.progress import ProgressLog, use_progress_bar
 from hiseg.pseudo import PseudoLabels
-from hiseg.runner import publish
 from hiseg.spec import METADATA_KEY, ModelSpec
 from hiseg.taxonomy import IGNORE_VALUE, Tree
 from hiseg.visualize import overlay
