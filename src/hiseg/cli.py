@@ -18,7 +18,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from hiseg import __version__
-from hiseg.config import ConfigError, load_config
+from hiseg.config import load_config
 from hiseg.data import (
     FORMATS,
     Dataset,
@@ -142,10 +142,7 @@ def tree_list() -> None:
 @tree_app.command("show")
 def tree_show(tree: str = typer.Argument(..., help="Builtin tree name or tree YAML file.")) -> None:
     """Print a tree and the nodes of each level."""
-    try:
-        t = load_tree(tree)
-    except TreeError as err:
-        raise fail(str(err)) from None
+    t = load_tree(tree)
     console.print(t.render(), highlight=False)
     for level in t.levels:
         console.print(f"level {level.index}: {', '.join(level.names)}", highlight=False)
@@ -155,15 +152,12 @@ def tree_show(tree: str = typer.Argument(..., help="Builtin tree name or tree YA
 
 
 def _datasets(path: Path, split: str | None, fmt: str) -> list[Dataset]:
-    """The named split, or every split, of a dataset folder; a clear error if it can't open.
+    """The named split, or every split, of a dataset folder.
 
-    Never empty: a folder with no splits, or a format that does not fit it, is an error.
+    Never empty: a folder with no splits, or a format that does not fit it, is a DatasetError.
     """
-    try:
-        names = [split] if split else dataset_splits(path, fmt)
-        return [open_dataset(path, name, fmt) for name in names]
-    except (DatasetError, TreeError, OSError) as err:
-        raise fail(str(err)) from None
+    names = [split] if split else dataset_splits(path, fmt)
+    return [open_dataset(path, name, fmt) for name in names]
 
 
 @data_app.command("check")
@@ -490,9 +484,7 @@ def evaluate(
                         predictor, dataset, limit, advance, keep_worst=worst, save_dir=save_pred
                     )
             scores = result.scores()
-    except (DatasetError, TreeError) as err:
-        raise fail(str(err)) from None
-    except EvaluationError as err:
+    except EvaluationError as err:  # bad predictions: the run's result, exit 1 (not a mistake)
         raise fail(str(err), code=1) from None
     print_scores(scores, len(dataset))
     if json_out:
@@ -563,18 +555,12 @@ def train_command(
     track: bool = typer.Option(True, "--track/--no-track", help="MLflow tracking."),
 ) -> None:
     """Train a model; checkpoints go to <out_dir>/<name>/ (best.ckpt, last.ckpt)."""
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as err:
-        raise fail(str(err)) from None
+    cfg = load_config(config, overrides or [])
     try:
         from hiseg.training import run_dir, train
     except ImportError as err:
         raise fail(f"training needs the train extra: pip install 'hiseg[train]' ({err})") from None
-    try:
-        train(cfg, resume=resume, track=track)
-    except HisegError as err:  # config, data, tree, run folder, checkpoint to resume
-        raise fail(str(err)) from None
+    train(cfg, resume=resume, track=track)  # a HisegError is one line (HisegGroup)
     console.print(f"checkpoints saved to {run_dir(cfg)}/ (best.ckpt, last.ckpt, history.csv)")
 
 
