@@ -1,4 +1,5 @@
-# The two commands of the README. Each creates .venv and installs what it needs on first use.
+# The README's two commands (demo, test) and the benchmarks. Each creates .venv and installs what it
+# needs on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
