@@ -192,7 +192,6 @@ def data_stats(
     out: Path = typer.Option(Path("runs/stats"), help="Folder for the PNG and JSON."),
 ) -> None:
     """Image sizes, pixel share per node per level, and person sizes, as tables and a PNG."""
-
     for dataset in _datasets(path, split, format):
         name = dataset.split
         if not len(dataset):
