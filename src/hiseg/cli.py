@@ -423,7 +423,6 @@ def evaluate(
     workers: int | None = WORKERS,
 ) -> None:
     """Score a model (or a folder of predictions) per level of the class tree."""
-
     if (model is None) == (pred_dir is None):
         raise fail("give either --model (one or more) or --pred-dir")
     if report is not None and model is None:
