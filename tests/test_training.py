@@ -541,3 +541,20 @@ def test_compile_compiles_the_network_in_place(tiny_data, tmp_path, monkeypatch)
     task = SegmentationTask(config, tree, pretrained=False)
     assert [getattr(fn, "__self__", None) for fn in compiled] == [task.model.net]
     assert task.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_the_large_config_is_the_base_with_the_long_runs_overrides():
+    """configs/pascal-person-part-large.yaml documents the run that made the large model: it
+    must stay the base config plus exactly that run's command-line overrides."""
+    overrides = [
+        "model.encoder=tf_efficientnet_lite2",
+        "data.crop_size=384",
+        "model.decoder.decoder_pyramid_channels=256",
+        "model.decoder.decoder_segmentation_channels=128",
+        "loss.lovasz=0.5",
+        "trainer.max_epochs=24",
+    ]
+    large = load_config("configs/pascal-person-part-large.yaml").to_dict()
+    run = load_config(CONFIG, overrides).to_dict()
+    assert large.pop("name") == "pascal-person-part-large" and run.pop("name")
+    assert large == run
