@@ -411,8 +411,8 @@ def test_a_corrupt_last_checkpoint_is_one_clear_message(tiny_data, tmp_path):
 
 
 def test_temporary_checkpoints_of_killed_runs_are_removed(tmp_path):
-    dead = tmp_path / ".last.ckpt.999999999.tmp"  # no such pid
-    alive = tmp_path / f".last.ckpt.{os.getppid()}.tmp"  # a live writer's file is kept
+    dead = tmp_path / ".last.999999999.tmp.ckpt"  # no such pid
+    alive = tmp_path / f".last.{os.getppid()}.tmp.ckpt"  # a live writer's file is kept
     other = tmp_path / "notes.tmp"
     for path in (dead, alive, other):
         path.write_bytes(b"x")

@@ -338,15 +338,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+                os.fsync(f.fileno())  # on disk before the rename: a power cut keeps the old one
+
+        publish(path, write)
 
 
 class SaveLast(Checkpoint):
@@ -607,8 +606,8 @@ def prepare_run_dir(folder: Path) -> None:
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise ConfigError(f"out_dir: cannot write checkpoints to {folder} ({reason})") from None
-    for tmp in folder.glob(".*.ckpt.*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
+    for tmp in folder.glob(".*.tmp.ckpt"):  # files.publish's names: .last.<pid>.tmp.ckpt
+        pid = tmp.name.rsplit(".", 3)[-3]
         if not (pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))):
             tmp.unlink(missing_ok=True)
 
