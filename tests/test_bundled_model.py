@@ -18,8 +18,8 @@ from hiseg.metrics import ConfusionMatrix
 from hiseg.predictor import Result, bundled_models, load, resolve_model
 
 
-def test_both_models_ship_with_the_package():
-    assert {"pascal-person-part", "person"} <= set(bundled_models())
+def test_the_three_models_ship_with_the_package():
+    assert {"pascal-person-part", "pascal-person-part-large", "person"} <= set(bundled_models())
 
 
 def scores_on_20_images(predictor, root, split: str) -> dict:
@@ -39,6 +39,18 @@ def test_default_model_scores_sanely_on_20_val_images(pascal_root):
     assert levels["0"]["miou"] > 0.65
     assert levels["1"]["miou"] > 0.45
     assert levels["2"]["miou"] > 0.30
+
+
+def test_large_model_is_the_lite2_one_and_beats_the_default_on_20_val_images(pascal_root):
+    """Thresholds sit between the two models' measured scores on these images (default 0.806 /
+    0.639 / 0.458, large 0.828 / 0.703 / 0.562): a swapped or broken file fails."""
+    predictor = load("pascal-person-part-large", threads=2)
+    spec = predictor.backends[0].spec
+    assert spec.encoder == "tu-tf_efficientnet_lite2" and spec.tree.name == "pascal-person-part"
+    levels = scores_on_20_images(predictor, pascal_root, "val")["levels"]
+    assert levels["0"]["miou"] > 0.80
+    assert levels["1"]["miou"] > 0.67
+    assert levels["2"]["miou"] > 0.51
 
 
 def test_person_model_scores_sanely_on_20_valid_images(picsart_root):
@@ -64,7 +76,7 @@ def smooth_photo(h: int, w: int, seed: int) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-@pytest.mark.parametrize("name", ["pascal-person-part", "person"])
+@pytest.mark.parametrize("name", ["pascal-person-part", "pascal-person-part-large", "person"])
 def test_bundled_models_predict_as_their_written_out_computation(name):
     """The files output 1/4 of their input (their head's upsampling was stripped, see
     ``benchmarks/quarter_output.md``); the fast path (decoding at 1/4 resolution, interpolating

@@ -257,3 +257,19 @@ def test_predictions_are_never_saved_over_the_split_masks(tmp_path):
     with pytest.raises(EvaluationError, match="gt_masks: holds the split's images or masks"):
         evaluate_model(hiseg.load("person", threads=1), dataset, save_dir=masks)
     assert {p.name: p.read_bytes() for p in masks.iterdir()} == before
+
+
+def test_history_plot_is_titled_by_the_run_folder_or_the_given_title(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from hiseg import report
+
+    run = tmp_path / "my-run"
+    run.mkdir()
+    (run / "history.csv").write_text("epoch,step,loss_epoch,miou0,miou1\n0,10,1.0,0.5,0.4\n")
+    titles = []
+    monkeypatch.setattr(report, "_save", lambda fig, path, dpi: titles.append(
+        [(ax.get_title(), len(ax.lines)) for ax in fig.axes]
+    ))  # fmt: skip
+    report.plot_history(run / "history.csv", tmp_path / "a.png")
+    report.plot_history(run / "history.csv", tmp_path / "b.png", title="the large model")
+    assert titles == [[("my-run", 2)], [("the large model", 2)]]

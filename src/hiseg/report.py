@@ -233,8 +233,9 @@ def log_report_to_mlflow(
     return run.info.run_id
 
 
-def plot_history(history_csv: str | Path, path: str | Path) -> Path:
-    """Val mIoU per level per epoch from a run's ``history.csv`` (written by ``hiseg train``)."""
+def plot_history(history_csv: str | Path, path: str | Path, title: str | None = None) -> Path:
+    """Val mIoU per level per epoch from a run's ``history.csv`` (written by ``hiseg train``),
+    titled by ``title`` or else the run's folder name."""
     with open(history_csv) as f:
         rows = list(csv.DictReader(f))
     plt = _pyplot()
@@ -242,9 +243,8 @@ def plot_history(history_csv: str | Path, path: str | Path) -> Path:
     epochs = [int(r["epoch"]) + 1 for r in rows]
     for key in sorted(k for k in rows[0] if k.startswith("miou")):
         ax.plot(epochs, [float(r[key]) for r in rows], marker="o", label=f"mIoU{key[4:]}")
-    ax.set(
-        xlabel="epoch", ylabel="val mIoU (background excluded)", title=Path(history_csv).parent.name
-    )
+    title = title or Path(history_csv).parent.name
+    ax.set(xlabel="epoch", ylabel="val mIoU (background excluded)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
