@@ -3,10 +3,12 @@ in one run so the time ratios to the first (fast) model are fair on a shared mac
 
 Scores come from ``hiseg eval --json`` files (deterministic, so made once per model); time is
 ``Predictor.predict`` on one real photo at a 512 px long side (both part models' default), the
-models timed in turns (:func:`hiseg.bench.time_interleaved`).
+models timed in turns (:func:`hiseg.bench.time_interleaved`). An entry ending in ``:accurate`` is
+the model with ``--accurate`` (flip + scales 0.75, 1, 1.25), scored by ``hiseg eval --accurate``.
 
     python benchmarks/model_zoo.py \\
         --zoo FAST_NAME:FAST.onnx:FAST_val.json --zoo LARGE_NAME:LARGE.onnx:LARGE_val.json \\
+        --zoo LARGE_NAME:LARGE.onnx:LARGE_val_accurate.json:accurate \\
         --image ../shared/data/pascal-person-part/JPEGImages/2008_000067.jpg \\
         --out benchmarks/model_zoo.md
 """
@@ -27,20 +29,24 @@ from hiseg.predictor import load
 
 
 def zoo_rows(
-    entries: list[tuple[str, Path, Path]], image: Path, threads: int, runs: int
+    entries: list[tuple[str, Path, Path, bool]], image: Path, threads: int, runs: int
 ) -> list[dict]:
-    """One row per (name, model file, eval JSON): its scores, file size and median predict ms."""
+    """One row per (name, model file, eval JSON, accurate): its scores, file size and median
+    predict ms."""
     photo = read_image(image)
-    predictors = [load(model, threads=threads, long_side=512) for _, model, _ in entries]
+    predictors = [
+        load(model, threads=threads, long_side=512, accurate=accurate)
+        for _, model, _, accurate in entries
+    ]
     times = time_interleaved([partial(p.predict, photo) for p in predictors], runs, warmup=5)
     rows = []
-    for (name, model, scores_json), predictor, model_times in zip(
+    for (name, model, scores_json, accurate), predictor, model_times in zip(
         entries, predictors, times, strict=True
     ):
         scores = json.loads(scores_json.read_text())
         rows.append(
             {
-                "name": name,
+                "name": f"`{name}` --accurate" if accurate else f"`{name}`",
                 "mb": model.stat().st_size / 1e6,
                 "precision": predictor.backends[0].spec.precision,
                 "miou": [scores["levels"][str(k)]["miou"] for k in range(3)],
@@ -69,7 +75,7 @@ def markdown(rows: list[dict], command: str, image: Path) -> str:
     for r in rows:
         m0, m1, m2 = r["miou"]
         lines.append(
-            f"| `{r['name']}` | {r['mb']:.1f} | {r['precision']} | {m0:.3f} | {m1:.3f} | {m2:.3f} "
+            f"| {r['name']} | {r['mb']:.1f} | {r['precision']} | {m0:.3f} | {m1:.3f} | {m2:.3f} "
             f"| {r['seven']:.3f} | {r['ms']:.1f} | {r['ms'] / fast:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -81,8 +87,9 @@ def main() -> None:
         "--zoo",
         action="append",
         required=True,
-        metavar="NAME:MODEL:JSON",
-        help="a model's name, .onnx file and `hiseg eval --json` scores",
+        metavar="NAME:MODEL:JSON[:accurate]",
+        help="a model's name, .onnx file and `hiseg eval --json` scores; :accurate times and "
+        "scores it with --accurate",
     )
     parser.add_argument("--image", type=Path, required=True, help="the photo to time on")
     parser.add_argument("--threads", type=int, default=2)
@@ -92,14 +99,14 @@ def main() -> None:
     entries = []
     for item in args.zoo:
         parts = item.split(":")
-        if len(parts) != 3:
-            parser.error(f"--zoo takes NAME:MODEL:JSON, not {item!r}")
+        if len(parts) not in (3, 4) or parts[3:] not in ([], ["accurate"]):
+            parser.error(f"--zoo takes NAME:MODEL:JSON[:accurate], not {item!r}")
         name, model, scores = parts[0], Path(parts[1]), Path(parts[2])
         if model.suffix != ".onnx" or not model.is_file():
             parser.error(f"--zoo {item}: {model} is not an .onnx file (only those are timed)")
         if not scores.is_file():
             parser.error(f"--zoo {item}: no scores file {scores}")
-        entries.append((name, model, scores))
+        entries.append((name, model, scores, parts[3:] == ["accurate"]))
     rows = zoo_rows(entries, args.image, args.threads, args.runs)
     command = "python benchmarks/model_zoo.py " + shlex.join(sys.argv[1:])
     args.out.write_text(markdown(rows, command, args.image))
