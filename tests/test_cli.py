@@ -456,3 +456,13 @@ def test_a_failed_name_with_brackets_is_printed_whole(tmp_path):
     result = cli("predict", bad, *FAST, "-o", tmp_path / "out")
     assert result.exit_code == 1
     assert f"✗ {bad}: not an image" in result.output
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "pseudo-label"])
+def test_model_option_help_names_every_bundled_model(command):
+    from hiseg.predictor import bundled_models
+
+    help_text = " ".join(cli(command, "--help").output.replace("│", " ").split())
+    for name in bundled_models():
+        assert name in help_text
+    assert ("default pascal-person-part" in help_text) == (command != "pseudo-label")

@@ -33,6 +33,7 @@ from hiseg.evaluation import EvaluationError, score_prediction_dir
 from hiseg.files import json_writer, publish, writable_file, writable_folder
 from hiseg.metrics import format_score
 from hiseg.pipeline import LONG_SIDE_RANGE, SCALE_RANGE
+from hiseg.predictor import DEFAULT_MODEL, bundled_models
 from hiseg.taxonomy import BACKGROUND, TreeError, builtin_trees, load_tree
 
 if TYPE_CHECKING:
@@ -251,8 +252,13 @@ def _print_stats(title: str, s: dict[str, Any]) -> None:
 
 
 # Options shared by `predict` and `eval`: one declaration each, one loader.
+BUNDLED = ", ".join(bundled_models())
 MODELS = typer.Option(
-    None, "--model", "-m", help="Bundled model name, .onnx or .ckpt; repeat for an ensemble."
+    None,
+    "--model",
+    "-m",
+    help=f"Bundled model ({BUNDLED}; default {DEFAULT_MODEL}), .onnx or .ckpt; repeat for an "
+    "ensemble.",
 )
 BACKEND = typer.Option("auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch.")
 THREADS = typer.Option(None, help="CPU threads, 1 to the number of cores (default: all cores).")
@@ -760,7 +766,12 @@ def finish_run(
 
 @app.command("pseudo-label")
 def pseudo_label_command(
-    model: list[str] | None = MODELS,
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help=f"The teacher: a bundled model ({BUNDLED}), .onnx or .ckpt; repeat for an ensemble.",
+    ),
     data: Path = typer.Option(..., "--data", help="Folder of unlabelled photos (read in place)."),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Folder for the labels and manifest.json; rerun to resume."
