@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from reference import reference_labels
 
+import hiseg
 from hiseg.data import open_dataset
 from hiseg.errors import HisegError
 from hiseg.metrics import ConfusionMatrix
@@ -20,6 +21,7 @@ from hiseg.predictor import Result, bundled_models, load, resolve_model
 
 def test_the_three_models_ship_with_the_package():
     assert {"pascal-person-part", "pascal-person-part-large", "person"} <= set(bundled_models())
+    assert hiseg.bundled_models() == bundled_models() and "bundled_models" in dir(hiseg)
 
 
 def scores_on_20_images(predictor, root, split: str) -> dict:
