@@ -162,6 +162,7 @@ def test_accurate_reaches_the_ray_actors(tmp_path, monkeypatch):
         (["bench", "person.onnx", "--sizes", "big"], "--sizes takes comma-separated integers"),
         (["export", "x.ckpt", "--limit", "0"], "--limit must be at least 1, not 0"),
         (["export", "x.ckpt", "--clean", "-2"], "--clean must be at least 0, not -2"),
+        (["export", "x.ckpt", "--long-side", "8"], "--long-side must be between 32 and 4096"),
         (["export", "x.ckpt", "--out", "x.ckpt"], "--out x.ckpt: is the checkpoint itself"),
         (["export", "model.onnx"], "--out model.onnx: is the checkpoint itself"),
     ],

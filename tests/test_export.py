@@ -91,6 +91,15 @@ def test_a_stored_clean_up_is_the_predictors_default(tiny_checkpoint, onnx_path,
     assert load(onnx_path).clean == 0
 
 
+def test_a_stored_long_side_is_the_predictors_default(tiny_checkpoint, onnx_path, tmp_path):
+    """One checkpoint ships at two sizes: the export's ``long_side`` replaces the trained one."""
+    trained = load(onnx_path).long_side
+    smaller = export_onnx(tiny_checkpoint, tmp_path / "small.onnx", long_side=trained // 2)
+    assert load(smaller).long_side == trained // 2
+    image = np.zeros((trained, trained, 3), np.uint8)
+    assert load(smaller).predict(image).labels.shape == (trained, trained)  # back at image size
+
+
 def test_runtime_predicts_at_the_image_size(onnx_path, val):
     image, _ = val[0]
     result = load(onnx_path, threads=THREADS).predict(image)

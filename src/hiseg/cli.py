@@ -844,12 +844,19 @@ def export_command(
     clean: int = typer.Option(
         0, "--clean", help="Store this island / hole clean-up size as the model's default."
     ),
+    long_side: int | None = typer.Option(
+        None,
+        "--long-side",
+        help="Store this inference long side (px) as the model's default (default: the "
+        "checkpoint's); int8 is calibrated and scored at it.",
+    ),
 ) -> None:
     """Export a checkpoint to ONNX for the torch-free runtime; optionally an int8 copy."""
     if int8 and data is None:
         raise fail("--int8 needs --data: int8 is calibrated and scored on real images")
     at_least("--limit", limit, 1)
     at_least("--clean", clean, 0)
+    check_long_side("--long-side", long_side)
     out = out or checkpoint.with_suffix(".onnx")
     if out.resolve() == checkpoint.resolve():  # a checkpoint named .onnx, or --out CKPT
         raise fail(f"--out {out}: is the checkpoint itself; write the ONNX file elsewhere")
@@ -864,7 +871,7 @@ def export_command(
     except ImportError as err:
         raise fail(f"export needs the train extra: pip install 'hiseg[train]' ({err})") from None
     try:
-        export_onnx(checkpoint, out, clean=clean)
+        export_onnx(checkpoint, out, clean=clean, long_side=long_side)
     except (OSError, ValueError) as err:
         raise fail(str(err)) from None
     console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB, fp32)", highlight=False)

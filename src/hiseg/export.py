@@ -68,6 +68,7 @@ def export_onnx(
     out: str | Path,
     clean: int = 0,
     full_resolution: bool = False,
+    long_side: int | None = None,
 ) -> Path:
     """Write ``checkpoint`` as one ONNX file, ``image`` (B, 3, H, W) -> ``logits``
     (B, leaves, H / k, W / k) for any batch and size, with the checkpoint's metadata (``fp32``).
@@ -77,7 +78,8 @@ def export_onnx(
     it (k = 1, hiseg 0.1's format, for runtimes other than hiseg's); k is 1 too for a head
     that does not upsample (Unet, Linknet). ``clean`` is stored as the model's default clean-up
     (:mod:`hiseg.postprocess`), for models where it was measured to help; the predictor uses it
-    unless told otherwise.
+    unless told otherwise. ``long_side`` likewise replaces the checkpoint's inference long side
+    (one checkpoint can ship as a faster model at a smaller size).
     """
     model, spec = load_checkpoint(checkpoint)
     side = spec.long_side
@@ -105,6 +107,7 @@ def export_onnx(
         spec,
         precision="fp32",
         default_clean=clean,
+        long_side=long_side or spec.long_side,
         hiseg_version=__version__,
         output_scale=scale,
     )
