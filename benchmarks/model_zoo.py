@@ -2,8 +2,8 @@
 in one run so the time ratios to the first (fast) model are fair on a shared machine.
 
 Scores come from ``hiseg eval --json`` files (deterministic, so made once per model); time is
-``Predictor.predict`` on one real photo at a 512 px long side (both part models' default), the
-models timed in turns (:func:`hiseg.bench.time_interleaved`). An entry ending in ``:accurate`` is
+``Predictor.predict`` on one real photo at each model's own default long side, the models timed
+in turns (:func:`hiseg.bench.time_interleaved`). An entry ending in ``:accurate`` is
 the model with ``--accurate`` (flip + scales 0.75, 1, 1.25), scored by ``hiseg eval --accurate``.
 
     python benchmarks/model_zoo.py \\
@@ -35,7 +35,7 @@ def zoo_rows(
     predict ms."""
     photo = read_image(image)
     predictors = [
-        load(model, threads=threads, long_side=512, accurate=accurate)
+        load(model, threads=threads, accurate=accurate)
         for _, model, _, accurate in entries
     ]
     times = time_interleaved([partial(p.predict, photo) for p in predictors], runs, warmup=5)
@@ -49,6 +49,7 @@ def zoo_rows(
                 "name": f"`{name}` --accurate" if accurate else f"`{name}`",
                 "mb": model.stat().st_size / 1e6,
                 "precision": predictor.backends[0].spec.precision,
+                "long_side": predictor.long_side,
                 "miou": [scores["levels"][str(k)]["miou"] for k in range(3)],
                 "seven": scores["miou_all_with_background"],
                 "ms": statistics.median(model_times),
@@ -64,19 +65,20 @@ def markdown(rows: list[dict], command: str, image: Path) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {cpu_name()}. Time: `Predictor.predict` on `{image.name}` at 512 px, "
-        "batch 1, median of the runs, the models timed in turns; the ratio is to the first row "
-        "in the same run.",
+        f"Machine: {cpu_name()}. Time: `Predictor.predict` on `{image.name}` at the model's "
+        "long side, batch 1, median of the runs, the models timed in turns; the ratio is to the "
+        "first row in the same run.",
         "",
-        "| model | size (MB) | precision | mIoU0 | mIoU1 | mIoU2 | 7-class with bg "
+        "| model | size (MB) | precision | long side | mIoU0 | mIoU1 | mIoU2 | 7-class with bg "
         "| predict ms | x first |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m0, m1, m2 = r["miou"]
         lines.append(
-            f"| {r['name']} | {r['mb']:.1f} | {r['precision']} | {m0:.3f} | {m1:.3f} | {m2:.3f} "
-            f"| {r['seven']:.3f} | {r['ms']:.1f} | {r['ms'] / fast:.2f} |"
+            f"| {r['name']} | {r['mb']:.1f} | {r['precision']} | {r['long_side']} "
+            f"| {m0:.3f} | {m1:.3f} | {m2:.3f} | {r['seven']:.3f} "
+            f"| {r['ms']:.1f} | {r['ms'] / fast:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
