@@ -4,16 +4,19 @@ refused before training starts."""
 import csv
 import dataclasses
 import os
+import signal
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+import lightning as L  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from synthetic import make_folder_dataset  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from hiseg import training  # noqa: E402
 from hiseg.augment import PairTransform  # noqa: E402
 from hiseg.cli import app  # noqa: E402
 from hiseg.config import Config, ConfigError, load_config  # noqa: E402
@@ -558,3 +561,47 @@ def test_the_large_config_is_the_base_with_the_long_runs_overrides():
     run = load_config(CONFIG, overrides).to_dict()
     assert large.pop("name") == "pascal-person-part-large" and run.pop("name")
     assert large == run
+
+
+class StopAt(L.Callback):
+    """Sends this process SIGTERM after training step ``step``, as a scheduler would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_steps_done_exits_143_and_resumes(tiny_data, tmp_path, monkeypatch):
+    """Stopped mid-epoch (2 steps an epoch, stopped after step 3), the run saves step 3 (the
+    periodic save had step 2), exits with 143 and a resume line instead of Lightning's status 0,
+    and ``--resume`` finishes it."""
+    build = training.build_trainer
+
+    def stopped_after_step_3(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(StopAt(3))
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", stopped_after_step_3)
+    config = tiny_config(tiny_data, tmp_path, **{"trainer.max_epochs": 3})
+    with pytest.raises(training.TrainingStopped, match=r"SIGTERM at epoch 2, step 3.*--resume"):
+        train(config, track=False)
+    last = tmp_path / "tiny" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    monkeypatch.undo()
+    train(config, resume=True, track=False)
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+
+
+def test_a_stopped_run_exits_143_naming_the_resume(monkeypatch, tmp_path):
+    def stopped(*args, **kwargs):
+        raise training.TrainingStopped("runs/x: stopped by SIGTERM ...; continue it with --resume")
+
+    monkeypatch.setattr(training, "train", stopped)
+    result = CliRunner().invoke(app, ["train", CONFIG, f"out_dir={tmp_path}"])
+    assert result.exit_code == 143, result.output
+    assert "continue it with --resume" in result.output

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 class HisegGroup(TyperGroup):
     """The one error handler of every command: a user mistake or a bad path (any HisegError, any
-    OSError) prints one ``error:`` line and exits 2, never a traceback."""
+    OSError) prints one ``error:`` line and exits 2 (or the error's own ``exit_code``), never a
+    traceback."""
 
     def invoke(self, ctx: Any) -> Any:  # Any: typer keeps its Context class private (typer._click)
         try:
@@ -52,7 +53,7 @@ class HisegGroup(TyperGroup):
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # so Python's own flush can't complain
             raise typer.Exit(1) from None
         except (HisegError, OSError) as err:
-            raise fail(str(err) or type(err).__name__) from None
+            raise fail(str(err) or type(err).__name__, getattr(err, "exit_code", 2)) from None
 
 
 app = typer.Typer(

@@ -9,3 +9,6 @@ from __future__ import annotations
 
 class HisegError(Exception):
     """A user mistake or a bad input: reported in one line, never a traceback."""
+
+    #: The CLI's exit status for it (2: a usage or input error, the shell's convention).
+    exit_code = 2

@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import ConcatDataset, DataLoader
 
 from hiseg.augment import train_transform
@@ -367,6 +368,15 @@ class SaveLast(Checkpoint):
         if not trainer.sanity_checking:
             trainer.save_checkpoint(self.path, weights_only=False)
 
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        """A SIGTERM (a scheduler's or a session's stop) keeps the steps done since the last save.
+
+        Lightning stops between training steps, a consistent state like the periodic saves';
+        stopped during validation, the last save stands (a half-run validation is not resumable).
+        """
+        if isinstance(exception, SIGTERMException) and trainer.training:
+            trainer.save_checkpoint(self.path, weights_only=False)
+
 
 class History(Callback):
     """Per-epoch mean train loss and val scores appended to ``history.csv`` in the run folder."""
@@ -583,6 +593,12 @@ class TrainingError(HisegError, RuntimeError):
     """A run cannot start or continue: nothing to resume, a run already there, a bad checkpoint."""
 
 
+class TrainingStopped(TrainingError):
+    """The run was stopped by SIGTERM; ``last.ckpt`` holds where it stood, for ``--resume``."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process it stopped
+
+
 def check_model_names(config: Config) -> None:
     """Unknown architecture or encoder names fail before any data is read."""
     m = config.model
@@ -691,5 +707,12 @@ def train(config: Config, resume: bool = False, track: bool = True) -> Segmentat
     if config.model.init and not resume:
         init_weights(task, config.model.init)
     trainer = build_trainer(config, folder, track)
-    trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    try:
+        trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    except SIGTERMException:  # Lightning's SystemExit would end the process with status 0
+        raise TrainingStopped(
+            f"{folder}: stopped by SIGTERM at epoch {trainer.current_epoch + 1}, step "
+            f"{trainer.global_step}; {last.name} holds the run up to its last save, continue it "
+            "with --resume"
+        ) from None
     return task
