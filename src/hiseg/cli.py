@@ -271,7 +271,7 @@ SCALES = typer.Option("1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25.")
 ACCURATE = typer.Option(
     False,
     "--accurate",
-    help="Preset: --flip and --scales 0.75,1,1.25 (more accurate, about 7x slower).",
+    help="Preset: --flip and --scales 0.75,1,1.25 (more accurate, about 6x slower).",
 )
 TILE = typer.Option(False, "--tile", help="Sliding windows on large images.")
 ZOOM = typer.Option(False, "--zoom", help="Second, zoomed-in pass on small people.")

@@ -511,7 +511,7 @@ def load(
     """A predictor for a bundled model name, an ``.onnx`` file, a ``.ckpt`` checkpoint, or a
     list of them (an ensemble). ``None`` is the default bundled model. ``memory_arena``: see
     :func:`onnx_backend`. ``accurate``: the flip + :data:`ACCURATE_SCALES` preset (on the
-    bundled part model +1.6 points of mIoU2 at about 7x the time, benchmarks/part_probes.md);
+    default part model +1.9 points of mIoU2 at about 6x the time, MODEL_CARD.md);
     it replaces ``flip`` and ``scales``, so giving scales too is refused."""
     if accurate:
         if tuple(scales) != (1.0,):
