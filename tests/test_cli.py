@@ -125,11 +125,15 @@ def test_accurate_is_flip_and_three_scales(tmp_path, monkeypatch):
     assert all(np.array_equal(first, other) for other in others)
 
 
-def test_accurate_with_other_scales_is_refused_by_the_api():
+def test_accurate_with_other_scales_or_a_flip_is_refused_by_the_api():
     from hiseg.predictor import ModelError, load
 
     with pytest.raises(ModelError, match="accurate sets the scales"):
         load("person", accurate=True, scales=(1.0, 1.5))
+    for flip in (False, True):  # an explicit flip=False was silently overridden
+        with pytest.raises(ModelError, match=f"accurate sets flip; got flip={flip}"):
+            load("person", accurate=True, flip=flip)
+    assert load("person", accurate=True).flip and not load("person").flip
 
 
 def test_accurate_reaches_the_ray_actors(tmp_path, monkeypatch):

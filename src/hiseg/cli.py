@@ -364,7 +364,7 @@ def load_options(
         "backend": backend,
         "threads": cpu_threads(threads),
         "long_side": check_long_side("--long-side", long_side),
-        "flip": flip,
+        "flip": flip or None,  # not given: hiseg.load refuses an explicit flip beside accurate
         "scales": parsed,
         "accurate": accurate,
         "clean": clean,

@@ -500,7 +500,7 @@ def load(
     backend: str = "auto",
     threads: int | None = None,
     long_side: int | None = None,
-    flip: bool = False,
+    flip: bool | None = None,
     scales: Sequence[float] = (1.0,),
     tile: bool = False,
     zoom: bool = False,
@@ -512,17 +512,20 @@ def load(
     list of them (an ensemble). ``None`` is the default bundled model. ``memory_arena``: see
     :func:`onnx_backend`. ``accurate``: the flip + :data:`ACCURATE_SCALES` preset (on the
     default part model +1.9 points of mIoU2 at about 6x the time, MODEL_CARD.md);
-    it replaces ``flip`` and ``scales``, so giving scales too is refused."""
+    it replaces ``flip`` and ``scales``, so giving either too is refused. ``flip``: average with
+    the mirrored image (None: off)."""
     if accurate:
         if tuple(scales) != (1.0,):
             raise ModelError(f"accurate sets the scales to {ACCURATE_SCALES}; got scales {scales}")
+        if flip is not None:
+            raise ModelError(f"accurate sets flip; got flip={flip}: give one or the other")
         flip, scales = True, ACCURATE_SCALES
     names = [model] if model is None or isinstance(model, (str, Path)) else list(model)
     backends = [load_backend(name, backend, threads, memory_arena) for name in names]
     return Predictor(
         backends,
         long_side=long_side,
-        flip=flip,
+        flip=bool(flip),
         scales=scales,
         tile=tile,
         zoom=zoom,
