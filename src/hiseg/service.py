@@ -250,6 +250,8 @@ def parse_levels(text: str, num_levels: int) -> list[int]:
 
 
 def png(array: np.ndarray) -> bytes:
+    """Fast PNG (zlib level 1): an answer's latency matters more than its bytes here; files
+    written to disk (:func:`hiseg.files.png_writer`) take PIL's smaller default."""
     ok, encoded = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise RuntimeError("PNG encoding failed")
