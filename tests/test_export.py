@@ -12,7 +12,12 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import hiseg  # noqa: E402
-from hiseg.bench import benchmark, time_interleaved, write_markdown  # noqa: E402
+from hiseg.bench import (  # noqa: E402
+    benchmark,
+    model_variants,
+    time_interleaved,
+    write_markdown,
+)
 from hiseg.data import open_dataset  # noqa: E402
 from hiseg.export import (  # noqa: E402
     MAX_MIOU_DROP,
@@ -24,7 +29,7 @@ from hiseg.export import (  # noqa: E402
     validate_export,
 )
 from hiseg.models import load_checkpoint  # noqa: E402
-from hiseg.predictor import load  # noqa: E402
+from hiseg.predictor import load, resolve_model  # noqa: E402
 from hiseg.spec import METADATA_KEY, SCHEMA_VERSION, ModelError, ModelSpec  # noqa: E402
 
 #: One thread: on a CPU shared with other jobs, torch's OpenMP threads can run 50x slower.
@@ -179,6 +184,19 @@ def test_benchmark_rows(tiny_checkpoint, onnx_path, int8_path, tmp_path):
     }
 
 
+def test_benchmark_times_each_model_at_its_own_size_by_default(onnx_path, int8_path):
+    """As ``predict`` runs it: the tiny model at its 160 px, the bundled person model at 320 px
+    (named, not a path)."""
+    rows = benchmark([onnx_path, "person"], threads=THREADS, runs=1, warmup=0)
+    forward = {r["model"]: r["input"] for r in rows if r["task"] == "forward"}
+    assert forward == {
+        "tiny.onnx": "1x3x160x128",
+        "tiny.int8.onnx": "1x3x160x128",
+        "person.onnx": "1x3x320x256",
+    }
+    assert model_variants("person") == [resolve_model("person")]
+
+
 def test_onnx_prediction_never_imports_torch(onnx_path, val):
     code = (
         "import sys\n"
@@ -239,7 +257,6 @@ def _with_metadata(proto, spec: ModelSpec, path):
 def test_an_output_that_does_not_fit_the_tree_is_a_model_error(tmp_path):
     """Two leaves out of a network whose metadata says seven: refused on load when the graph
     says so, else on the first run (was a reshape crash)."""
-    from hiseg.predictor import resolve_model
     from hiseg.spec import ModelError
     from hiseg.taxonomy import load_tree
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from hiseg.files import publish
 from hiseg.pipeline import prepare
-from hiseg.predictor import Backend, Predictor, load_backend
+from hiseg.predictor import Backend, Predictor, bundled_models, load_backend, resolve_model
 from hiseg.spec import ModelError
 
 INT8_SUFFIX = ".int8.onnx"
@@ -57,15 +57,17 @@ def int8_path(fp32: str | Path) -> Path:
 
 def model_variants(model: str | Path) -> list[Path]:
     """``model`` and the existing files worth comparing with it: ``x.ckpt`` -> x.ckpt, x.onnx,
-    x.int8.onnx; ``x.onnx`` -> x.onnx, x.int8.onnx."""
+    x.int8.onnx; ``x.onnx`` -> x.onnx, x.int8.onnx. A bundled model's name is its file."""
     path = Path(model)
+    if not path.exists() and str(model) in bundled_models():
+        return [resolve_model(model)]
     candidates = [path, path.with_suffix(".onnx"), int8_path(path)]
     return list(dict.fromkeys(p for p in candidates if p.is_file()))
 
 
 def benchmark(
     model: str | Path | Sequence[str | Path],
-    sizes: Sequence[int] = (320, 512),
+    sizes: Sequence[int] | None = None,
     threads: int = 2,
     runs: int = 30,
     warmup: int = 5,
@@ -76,7 +78,8 @@ def benchmark(
     ``model`` is a file or several; each brings its siblings (:func:`model_variants`). A
     ``.ckpt`` is timed in torch fp32 when torch is installed, every ``.onnx`` in ONNX Runtime
     (precision from its metadata), and each ``.onnx`` also end to end on ``image``
-    (default: a random photo of ``PHOTO_HW``).
+    (default: a random photo of ``PHOTO_HW``). ``sizes``: the long sides to time each model at
+    (default: each model's own, its :attr:`ModelSpec.long_side`, as ``predict`` runs it).
     """
     models = [model] if isinstance(model, (str, Path)) else model
     paths = list(dict.fromkeys(p for m in models for p in model_variants(m)))
@@ -103,7 +106,7 @@ def benchmark(
             "precision": backend.spec.precision,
             "threads": threads,
         }
-        for size in sizes:
+        for size in sizes or (backend.spec.long_side,):
             x = _random_input(rng, size, backend)
             shape = "x".join(map(str, x.shape))
             jobs.append(({**row, "task": "forward", "input": shape}, partial(backend.run, x)))

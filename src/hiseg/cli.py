@@ -918,9 +918,13 @@ def export_command(
 @app.command("bench")
 def bench_command(
     model: list[Path] = typer.Argument(
-        ..., help="Model files (.onnx, .ckpt); existing x.onnx / x.int8.onnx beside them join."
+        ...,
+        help="Model files (.onnx, .ckpt) or bundled model names; existing x.onnx / x.int8.onnx "
+        "beside a file join.",
     ),
-    sizes: str = typer.Option("320,512", help="Comma-separated long sides in pixels."),
+    sizes: str | None = typer.Option(
+        None, help="Comma-separated long sides in pixels (default: each model's own)."
+    ),
     threads: int = typer.Option(2, help="Threads for every runtime."),
     runs: int = typer.Option(30, help="Timed runs per row."),
     warmup: int = typer.Option(5, help="Untimed runs before them."),
@@ -936,10 +940,10 @@ def bench_command(
     from hiseg.images import as_rgb
 
     try:
-        long_sides = [int(s) for s in sizes.split(",")]
+        long_sides = [int(s) for s in sizes.split(",")] if sizes else None
     except ValueError:
         raise fail(f"--sizes takes comma-separated integers, not '{sizes}'") from None
-    for long_side in long_sides:
+    for long_side in long_sides or []:
         check_long_side("--sizes", long_side)
     threads = cpu_threads(threads) or 1
     at_least("--runs", runs, 1)
