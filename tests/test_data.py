@@ -148,6 +148,8 @@ def test_eval_prediction_dir(tmp_path):
     result = runner.invoke(app, [*args, "--accurate", "--long-side", "640"])
     assert result.exit_code == 2
     assert "--long-side, --accurate apply to a model" in " ".join(result.output.split())
+    result = runner.invoke(app, [*args, "--flip"])
+    assert result.exit_code == 2 and "--flip applies to a model" in result.output
 
 
 def test_long_runs_off_a_terminal_print_progress_lines(tmp_path):

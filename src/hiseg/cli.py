@@ -376,7 +376,7 @@ def load_options(
 # The prediction options' defaults as load_options gives them, by flag (threads aside: resolved).
 PREDICTION_DEFAULTS: dict[str, tuple[str, Any]] = {
     "--long-side": ("long_side", None),
-    "--flip": ("flip", False),
+    "--flip": ("flip", None),
     "--scales": ("scales", (1.0,)),
     "--accurate": ("accurate", False),
     "--clean": ("clean", None),
@@ -454,7 +454,8 @@ def evaluate(
             flag for flag, (key, default) in PREDICTION_DEFAULTS.items() if options[key] != default
         ]
         if given:
-            raise fail(f"--pred-dir scores saved label maps: {', '.join(given)} apply to a model")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise fail(f"--pred-dir scores saved label maps: {', '.join(given)} {verb} to a model")
     for option, folder in (("--report", report), ("--save-pred", save_pred)):
         if folder is not None:
             writable_folder(folder, option)
