@@ -261,6 +261,16 @@ def test_bench_times_predict_on_the_given_photo(tmp_path):
     one_error_line(cli("bench", *args, "--out", out, "--image", tmp_path / "none.png"), "none.png")
 
 
+def test_bench_by_name_writes_under_runs_a_command_that_reruns(tmp_path, monkeypatch):
+    """Its table goes to runs/ (never over the repository's benchmarks/), and the command it
+    records is the one given: no '--sizes None' that the CLI would refuse."""
+    monkeypatch.chdir(tmp_path)
+    result = cli("bench", "person", "--runs", "1", "--warmup", "0", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "runs" / "bench.md").read_text()
+    assert "`hiseg bench person --threads 1 --runs 1" in table and "1x3x320x256" in table
+
+
 # -- inputs are never overwritten, names never collide -------------------------------------------
 
 
@@ -470,4 +480,5 @@ def test_model_option_help_names_every_bundled_model(command):
     help_text = " ".join(cli(command, "--help").output.replace("│", " ").split())
     for name in bundled_models():
         assert name in help_text
-    assert ("default pascal-person-part" in help_text) == (command != "pseudo-label")
+    # a default only where one applies: eval needs a model or --pred-dir, pseudo-label a teacher
+    assert ("default pascal-person-part" in help_text) == (command == "predict")

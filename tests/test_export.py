@@ -223,7 +223,7 @@ def test_int8_without_calibration_images_is_a_model_error(tmp_path):
 
 
 def test_benchmark_of_no_model_file_is_a_model_error(tmp_path):
-    with pytest.raises(ModelError, match=r"missing\.onnx: no such model file"):
+    with pytest.raises(ModelError, match=r"missing\.onnx: no such model file.*bundled.*person\)"):
         benchmark(tmp_path / "missing.onnx")
 
 

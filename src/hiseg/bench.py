@@ -85,7 +85,11 @@ def benchmark(
     paths = list(dict.fromkeys(p for m in models for p in model_variants(m)))
     given = ", ".join(str(m) for m in models)
     if not paths:
-        raise ModelError(f"{given}: no such model file (nor its .onnx / .int8.onnx sibling)")
+        known = ", ".join(bundled_models())
+        raise ModelError(
+            f"{given}: no such model file (nor its .onnx / .int8.onnx sibling) and no bundled "
+            f"model of that name ({known})"
+        )
     if importlib.util.find_spec("torch") is None:
         paths = [p for p in paths if p.suffix != ".ckpt"]
         if not paths:  # an empty table would look like a benchmark that ran

@@ -261,6 +261,13 @@ MODELS = typer.Option(
     help=f"Bundled model ({BUNDLED}; default {DEFAULT_MODEL}), .onnx or .ckpt; repeat for an "
     "ensemble.",
 )
+EVAL_MODELS = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help=f"Model to score: bundled ({BUNDLED}), .onnx or .ckpt; repeat for an ensemble. "
+    "Or --pred-dir.",
+)
 BACKEND = typer.Option("auto", help="auto (onnx for .onnx, torch for .ckpt), onnx, torch.")
 THREADS = typer.Option(None, help="CPU threads, 1 to the number of cores (default: all cores).")
 LONG_SIDE = typer.Option(
@@ -397,7 +404,7 @@ def load_predictor(options: dict[str, Any]) -> Predictor:
 def evaluate(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     split: str = typer.Option("val", help="Split to score."),
-    model: list[str] | None = MODELS,
+    model: list[str] | None = EVAL_MODELS,
     pred_dir: Path | None = typer.Option(
         None, "--pred-dir", help="Or: a folder of <id>.png predicted leaf label maps."
     ),
@@ -929,7 +936,7 @@ def bench_command(
     threads: int = typer.Option(2, help="Threads for every runtime."),
     runs: int = typer.Option(30, help="Timed runs per row."),
     warmup: int = typer.Option(5, help="Untimed runs before them."),
-    out: Path = typer.Option(Path("benchmarks/bench.md"), help="Markdown table to write."),
+    out: Path = typer.Option(Path("runs/bench.md"), help="Markdown table to write."),
     image: Path | None = typer.Option(
         None,
         help="Photo for the predict rows (default: a random 500x375 photo, the worst case for "
@@ -963,8 +970,9 @@ def bench_command(
         table.add_row(*(str(r[k]) for k in text), *(f"{r[k]:.1f}" for k in numbers))
     console.print(table)
     command = (
-        f"hiseg bench {' '.join(map(str, model))} --sizes {sizes} --threads {threads} "
-        f"--runs {runs} --warmup {warmup} --out {out}" + (f" --image {image}" if image else "")
+        f"hiseg bench {' '.join(map(str, model))}{f' --sizes {sizes}' if sizes else ''} "
+        f"--threads {threads} --runs {runs} --warmup {warmup} --out {out}"
+        + (f" --image {image}" if image else "")
     )
     console.print(f"saved {write_markdown(rows, out, command)}", highlight=False)
 
