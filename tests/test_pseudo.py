@@ -123,6 +123,21 @@ def test_a_rerun_resumes_and_refuses_other_settings(photos, tmp_path):
     assert result.exit_code == 2 and "is the photo folder" in result.output
 
 
+def test_a_broken_link_is_reported_by_name_and_the_run_goes_on(tmp_path):
+    """A photo name that leads nowhere (a broken link, a link loop) is a failure naming the file
+    and the reason, never skipped in silence; the other photos are labelled."""
+    folder = make_person_folder_dataset(tmp_path / "data", n=1, split="photos") / "photos"
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    result = label("-m", "person", "--data", str(folder), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1, result.output
+    assert "labelled 1 photo(s), 0 already done, 2 failed" in result.output
+    assert "gone.jpg" in result.output and "broken symbolic link" in result.output
+    assert "loop.png" in result.output and "symbolic link loop" in result.output
+    failed = json.loads((tmp_path / "out" / MANIFEST).read_text())["failed"]
+    assert sorted(os.path.basename(f["image"]) for f in failed) == ["gone.jpg", "loop.png"]
+
+
 def test_soft_maps_follow_the_images_geometry():
     """with_maps moves soft maps exactly as the mask: scale, padding (255), crop, flip, rotation."""
     from hiseg.augment import train_transform

@@ -9,6 +9,7 @@ PIL image, an array of any common dtype and layout) into that RGB uint8 array, o
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import warnings
@@ -50,6 +51,19 @@ class ImageTooLargeError(ImageReadError):
 
 class ImageInputError(HisegError, ValueError):
     """An image passed to the Python API is not one hiseg can read; the message says what is."""
+
+
+def path_fault(path: Path) -> str | None:
+    """Why ``path`` leads to nothing: a symbolic link loop, a broken link, or no such file."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return f"broken symbolic link (to {os.readlink(path)})"
+        return "file not found" if err.errno == errno.ENOENT else err.strerror or str(err)
+    return None
 
 
 def _over_limit(width: int, height: int, max_pixels: int) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from hiseg.data import Dataset, DatasetError, Sample, _natural_key
 from hiseg.errors import HisegError
 from hiseg.files import json_writer, png_writer, publish, writable_folder
-from hiseg.images import IMAGE_SUFFIXES, ImageReadError, read_mask
+from hiseg.images import IMAGE_SUFFIXES, ImageReadError, path_fault, read_mask
 from hiseg.predictor import Predictor, Result
 from hiseg.taxonomy import IGNORE_VALUE, Tree, TreeError
 
@@ -61,13 +61,18 @@ class PseudoReport:
 
 
 def list_photos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The folder's photos in natural order, and the ones refused: a photo whose name stem is
-    taken by another one (``a.jpg``, ``a.png``) would share its label file."""
+    """The folder's photos in natural order, and the ones refused: a broken link or link loop
+    (never skipped in silence), and a photo whose name stem is taken by another one (``a.jpg``,
+    ``a.png``) would share its label file."""
     photos: dict[str, Path] = {}
     refused = []
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    for path in sorted(files, key=lambda p: _natural_key(p.name)):
-        if path.stem in photos:
+    named = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    for path in sorted(named, key=lambda p: _natural_key(p.name)):
+        if fault := path_fault(path):
+            refused.append((str(path), fault))
+        elif not path.is_file():
+            continue  # a folder named like a photo
+        elif path.stem in photos:
             refused.append((str(path), f"same name stem as {photos[path.stem].name}; skipped"))
         else:
             photos[path.stem] = path

@@ -13,7 +13,6 @@ renamed, so an interrupted run leaves no truncated file.
 
 from __future__ import annotations
 
-import errno
 import glob
 import os
 import signal
@@ -27,7 +26,7 @@ from PIL import Image
 
 from hiseg.errors import HisegError
 from hiseg.files import json_writer, png_writer, publish, unlink_all, writable_folder
-from hiseg.images import IMAGE_SUFFIXES, ImageReadError
+from hiseg.images import IMAGE_SUFFIXES, ImageReadError, path_fault
 from hiseg.predictor import Predictor, Result
 from hiseg.taxonomy import Tree
 from hiseg.video import TemporalSmoother, segment_video
@@ -97,19 +96,6 @@ def _kind(path: Path) -> str | None:
     return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
 
-def _path_fault(path: Path) -> str | None:
-    """Why ``path`` leads to nothing: a symbolic link loop, a broken link, or no such file."""
-    try:
-        path.stat()
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return "symbolic link loop"
-        if path.is_symlink():
-            return f"broken symbolic link (to {os.readlink(path)})"
-        return "file not found" if err.errno == errno.ENOENT else err.strerror or str(err)
-    return None
-
-
 def _loop_link(path: Path) -> Path:
     """The first part of ``path`` that leads back to a folder passed before it (a link to an
     ancestor, which ``**`` globs follow until the system refuses), else ``path``."""
@@ -149,7 +135,7 @@ def expand_sources(texts: list[str]) -> Inputs:
     def add_found(text: str, candidates: list[Path], empty: str) -> None:
         found = 0
         for path in candidates:
-            fault = _path_fault(path)
+            fault = path_fault(path)
             if fault == "symbolic link loop":
                 failure = (str(_loop_link(path)), fault)
                 if failure not in inputs.failed:
@@ -170,7 +156,7 @@ def expand_sources(texts: list[str]) -> Inputs:
         elif any(c in text for c in GLOB_CHARS) and not exists:
             matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
             add_found(text, matches, "pattern matches no images or videos")
-        elif fault := _path_fault(path):
+        elif fault := path_fault(path):
             inputs.failed.append((text, fault))
         elif path.is_dir():
             inputs.folders.append(path)
