@@ -123,6 +123,13 @@ def expand_sources(texts: list[str]) -> Inputs:
     """
     inputs = Inputs()
     taken: set[Path] = set()
+    reported: set[str] = set()
+
+    def fail(name: str, reason: str) -> None:
+        """One failure per path, however many names or patterns reach it."""
+        if (key := os.path.abspath(name)) not in reported:
+            reported.add(key)
+            inputs.failed.append((name, reason))
 
     def add(path: Path, kind: str) -> None:
         real = path.resolve()
@@ -136,17 +143,13 @@ def expand_sources(texts: list[str]) -> Inputs:
         found = 0
         for path in candidates:
             fault = path_fault(path)
-            if fault == "symbolic link loop":
-                failure = (str(_loop_link(path)), fault)
-                if failure not in inputs.failed:
-                    inputs.failed.append(failure)
-            elif fault:
-                inputs.failed.append((str(path), fault))
+            if fault:
+                fail(str(_loop_link(path) if fault == "symbolic link loop" else path), fault)
             elif path.is_file() and (kind := _kind(path)):
                 add(path, kind)
                 found += 1
         if not found:
-            inputs.failed.append((text, empty))
+            fail(text, empty)
 
     for text in texts:
         path = Path(text).expanduser()
@@ -157,7 +160,7 @@ def expand_sources(texts: list[str]) -> Inputs:
             matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
             add_found(text, matches, "pattern matches no images or videos")
         elif fault := path_fault(path):
-            inputs.failed.append((text, fault))
+            fail(text, fault)
         elif path.is_dir():
             inputs.folders.append(path)
             add_found(text, sorted(path.iterdir()), "folder holds no images or videos")
