@@ -269,6 +269,9 @@ def test_bench_by_name_writes_under_runs_a_command_that_reruns(tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     table = (tmp_path / "runs" / "bench.md").read_text()
     assert "`hiseg bench person --threads 1 --runs 1" in table and "1x3x320x256" in table
+    # off a terminal (here, as in a log file) each row stays on one line, whole
+    row = next(line for line in result.output.splitlines() if "predict" in line)
+    assert "person.onnx" in row and "500x375x3 photo -> 1x3x320x256" in row, result.output
 
 
 # -- inputs are never overwritten, names never collide -------------------------------------------

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -67,8 +68,19 @@ tree_app = typer.Typer(help="Show class trees.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tree_app, name="tree")
 
-console = Console(soft_wrap=True)  # never break a file name across lines
-err_console = Console(stderr=True, soft_wrap=True)
+#: Columns of output off a terminal (a log file, a pipe), where Rich would fold tables at 80.
+LOG_WIDTH = 200
+
+
+def _console(stream: TextIO) -> Console:
+    """A console that never breaks a file name across lines; off a terminal, tables as wide as
+    LOG_WIDTH (unless COLUMNS says otherwise)."""
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stream is sys.stderr, soft_wrap=True, width=LOG_WIDTH if wide else None)
+
+
+console = _console(sys.stdout)
+err_console = _console(sys.stderr)
 
 FORMAT_HELP = f"Dataset layout: auto or one of {', '.join(FORMATS)}."
 
