@@ -31,6 +31,7 @@ demo: $(VENV)/.runtime
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 # The browser test drives Debian's Chromium (Playwright never downloads a browser here). Installed

@@ -35,8 +35,7 @@ def zoo_rows(
     predict ms."""
     photo = read_image(image)
     predictors = [
-        load(model, threads=threads, accurate=accurate)
-        for _, model, _, accurate in entries
+        load(model, threads=threads, accurate=accurate) for _, model, _, accurate in entries
     ]
     times = time_interleaved([partial(p.predict, photo) for p in predictors], runs, warmup=5)
     rows = []

@@ -117,10 +117,7 @@ def png(path, width, height, rows=None, bit_depth=8):
     data += packer.flush(zlib.Z_FINISH if rows is None else zlib.Z_SYNC_FLUSH)
     header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", data)
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
     )
     return path
 

@@ -136,7 +136,7 @@ def test_clean_labels_with_more_regions_than_a_byte_counts(spacing):
     probs = random_probs(rng, tree.num_leaves, 61, 67)
     labels = np.zeros((61, 67), np.uint8)
     labels[::spacing, ::spacing] = 4  # head specks on background
-    labels[1::spacing * 2, 1::spacing * 2] = 2  # and torso ones
+    labels[1 :: spacing * 2, 1 :: spacing * 2] = 2  # and torso ones
     labels[20:40, 20:40] = 2  # a torso block with background holes in it
     labels[22:38:spacing, 22:38:spacing] = 0
     for min_pixels in (2, 50):

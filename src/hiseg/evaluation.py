@@ -211,7 +211,6 @@ def evaluate_model(
         regions=dict.fromkeys(BUCKET_NAMES, 0),
     )
     if save_dir is not None:
-
         save_dir = Path(save_dir)
         folders = {p.parent for s in dataset.samples for p in (s.image_path, s.mask_path) if p}
         if save_dir.resolve() in {folder.resolve() for folder in folders}:  # <id>.png: a mask

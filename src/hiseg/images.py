@@ -208,9 +208,7 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
             raise ImageInputError(f"{what}: holds NaN or infinite values")
         lowest, highest = float(array.min()), float(array.max())
         if lowest < 0 or highest > 255:
-            raise ImageInputError(
-                f"{what}: values {lowest:g}..{highest:g} outside 0..1 and 0..255"
-            )
+            raise ImageInputError(f"{what}: values {lowest:g}..{highest:g} outside 0..1 and 0..255")
         values = _round_to_uint8(array * 255.0 if highest <= 1.0 else array)
     else:
         raise ImageInputError(f"{what}: unsupported dtype; {EXPECTED}")

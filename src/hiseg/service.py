@@ -459,6 +459,7 @@ def create_app(settings: Settings) -> FastAPI:
             swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
         )
+
     return app
 
 
