@@ -261,6 +261,33 @@ def test_bench_times_predict_on_the_given_photo(tmp_path):
     one_error_line(cli("bench", *args, "--out", out, "--image", tmp_path / "none.png"), "none.png")
 
 
+def test_consoles_are_wide_with_no_terminal_unless_columns_gives_a_width(monkeypatch):
+    """Logs (nohup, CI) get tables up to LOG_WIDTH wide; a terminal on any standard stream, or
+    a COLUMNS width, leaves the width to Rich."""
+    import io
+
+    from hiseg import cli as cli_module
+
+    for name in ("stdin", "stdout", "stderr"):
+        monkeypatch.setattr(f"sys.{name}", io.StringIO())
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert cli_module._console().width == cli_module._console(stderr=True).width == 200
+    monkeypatch.setenv("COLUMNS", "abc")  # not a width: Rich ignores it too
+    assert cli_module._console().width == 200
+    monkeypatch.setenv("COLUMNS", "120")
+    assert cli_module._console().width == 120
+    monkeypatch.delenv("COLUMNS")
+    monkeypatch.setattr("sys.stdout", None)  # closed by a daemon: no crash
+    assert cli_module._console().width == 200
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert cli_module._console().width != 200
+
+
 def test_bench_by_name_writes_under_runs_a_command_that_reruns(tmp_path, monkeypatch):
     """Its table goes to runs/ (never over the repository's benchmarks/), and the command it
     records is the one given: no '--sizes None' that the CLI would refuse."""

@@ -135,7 +135,17 @@ def test_a_broken_link_is_reported_by_name_and_the_run_goes_on(tmp_path):
     assert "gone.jpg" in result.output and "broken symbolic link" in result.output
     assert "loop.png" in result.output and "symbolic link loop" in result.output
     failed = json.loads((tmp_path / "out" / MANIFEST).read_text())["failed"]
-    assert sorted(os.path.basename(f["image"]) for f in failed) == ["gone.jpg", "loop.png"]
+    assert sorted((os.path.basename(f["image"]), f["reason"]) for f in failed) == [
+        ("gone.jpg", f"broken symbolic link (to {tmp_path / 'nowhere.jpg'})"),
+        ("loop.png", "symbolic link loop"),
+    ]
+    # --limit 1 reaches the photo "0.png" only: the bad names after it are not its business
+    result = label(
+        "-m", "person", "--data", str(folder), "-o", str(tmp_path / "one"), "--limit", "1"
+    )
+    assert (
+        result.exit_code == 0 and "labelled 1 photo(s), 0 already done, 0 failed" in result.output
+    )
 
 
 def test_soft_maps_follow_the_images_geometry():

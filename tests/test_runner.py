@@ -32,15 +32,18 @@ def result(predictor):
 # -- inputs -------------------------------------------------------------------------------------
 
 
-def test_link_loops_and_broken_links_are_reported(tmp_path):
+def test_link_loops_and_broken_links_are_reported(tmp_path, monkeypatch):
     folder = tmp_path / "photos"
     folder.mkdir()
     photo(folder / "a.jpg")
     (folder / "loop.jpg").symlink_to("loop.jpg")  # a link to itself
     (folder / "gone.jpg").symlink_to("nowhere.jpg")
-    # each bad file is reached by three names: the folder, a pattern, and itself
+    (tmp_path / "linked").symlink_to("photos")
+    monkeypatch.chdir(tmp_path)
+    # each bad file is reached by six names: the folder, a pattern, itself, a relative name and
+    # a linked folder
     names = [str(folder), f"{folder}/*.jpg", str(folder / "loop.jpg"), str(folder / "gone.jpg")]
-    found = expand_sources(names)
+    found = expand_sources([*names, "photos/gone.jpg", "linked"])
     assert [s.path.name for s in found.sources] == ["a.jpg"]
     assert sorted(found.failed) == [  # each once
         (str(folder / "gone.jpg"), "broken symbolic link (to nowhere.jpg)"),

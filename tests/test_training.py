@@ -592,7 +592,7 @@ def test_sigterm_saves_the_steps_done_exits_143_and_resumes(tiny_data, tmp_path,
     # that exits, and Lightning calls it before its own)
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        with pytest.raises(training.TrainingStopped, match=r"SIGTERM at epoch 2, step 3.*resume"):
+        with pytest.raises(training.TrainingStopped, match=r"SIGTERM at epoch 2, step 3.*--resume"):
             train(config, track=False)
     finally:
         signal.signal(signal.SIGTERM, previous)

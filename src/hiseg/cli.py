@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -68,19 +68,31 @@ tree_app = typer.Typer(help="Show class trees.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tree_app, name="tree")
 
-#: Columns of output off a terminal (a log file, a pipe), where Rich would fold tables at 80.
+#: Columns of output when no standard stream is a terminal (nohup, cron, CI logs), where Rich
+#: would fold tables at 80.
 LOG_WIDTH = 200
 
 
-def _console(stream: TextIO) -> Console:
-    """A console that never breaks a file name across lines; off a terminal, tables as wide as
-    LOG_WIDTH (unless COLUMNS says otherwise)."""
-    wide = not stream.isatty() and "COLUMNS" not in os.environ
-    return Console(stderr=stream is sys.stderr, soft_wrap=True, width=LOG_WIDTH if wide else None)
+def _on_terminal() -> bool:
+    """Whether Rich can measure a terminal: it tries stdin, stdout and stderr in turn."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        try:
+            if stream is not None and stream.isatty():
+                return True
+        except ValueError:  # closed
+            pass
+    return False
 
 
-console = _console(sys.stdout)
-err_console = _console(sys.stderr)
+def _console(stderr: bool = False) -> Console:
+    """A console that never breaks a file name across lines; with no terminal to measure,
+    tables up to LOG_WIDTH wide (unless COLUMNS gives a width, as Rich reads it)."""
+    wide = not _on_terminal() and not os.environ.get("COLUMNS", "").isdigit()
+    return Console(stderr=stderr, soft_wrap=True, width=LOG_WIDTH if wide else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 FORMAT_HELP = f"Dataset layout: auto or one of {', '.join(FORMATS)}."
 

@@ -61,9 +61,9 @@ class PseudoReport:
 
 
 def list_photos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The folder's photos in natural order, and the ones refused: a broken link or link loop
-    (never skipped in silence), and a photo whose name stem is taken by another one (``a.jpg``,
-    ``a.png``) would share its label file."""
+    """The folder's photos in natural order, and those refused with the reason: a broken link
+    or link loop (never skipped in silence), and a photo whose name stem another one already has
+    (``a.jpg``, ``a.png``: they would share a label file)."""
     photos: dict[str, Path] = {}
     refused = []
     named = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -71,7 +71,7 @@ def list_photos(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
         if fault := path_fault(path):
             refused.append((str(path), fault))
         elif not path.is_file():
-            continue  # a folder named like a photo
+            continue  # not a regular file (a folder, a pipe)
         elif path.stem in photos:
             refused.append((str(path), f"same name stem as {photos[path.stem].name}; skipped"))
         else:
@@ -208,7 +208,10 @@ def label_photos(
             if (out / entry["file"]).exists()
         }
     found, refused = list_photos(photos)
-    found = found[:limit] if limit is not None else found
+    if limit is not None:  # and the refusals among the names it reaches, not beyond
+        found = found[:limit]
+        last = _natural_key(found[-1].name) if found else None
+        refused = [r for r in refused if last and _natural_key(Path(r[0]).name) < last]
     report = PseudoReport(path, failed=list(refused))
     todo = []
     for photo in found:

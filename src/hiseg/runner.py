@@ -119,15 +119,18 @@ def expand_sources(texts: list[str]) -> Inputs:
     An existing path wins over a webcam index: ``0`` is webcam 0 only when nothing named ``0``
     exists (write ``./0`` for such a file). Every file is taken once, by its resolved path,
     however many names (links, ``**`` globs through linked folders, repeats) lead to it.
-    Symbolic link loops and broken links are reported, never skipped in silence.
+    Symbolic link loops and broken links are reported, never skipped in silence, and each once.
     """
     inputs = Inputs()
     taken: set[Path] = set()
     reported: set[str] = set()
 
     def fail(name: str, reason: str) -> None:
-        """One failure per path, however many names or patterns reach it."""
-        if (key := os.path.abspath(name)) not in reported:
+        """One failure per path, however many names, patterns or linked folders reach it (a
+        broken name's last part cannot be resolved; its folder can)."""
+        full = os.path.abspath(os.path.expanduser(name))
+        key = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+        if key not in reported:
             reported.add(key)
             inputs.failed.append((name, reason))
 
