@@ -89,6 +89,18 @@ def test_multipart_upload_chosen_model_and_levels(app, client):
     np.testing.assert_array_equal(decode_png(body["levels"][0]["png"]), expected.level(0))
 
 
+def test_a_multipart_content_type_in_capitals_is_multipart(client):
+    """Media types are case-insensitive: the upload is found in the body, not sniffed as one."""
+    photo = ASTRONAUT.read_bytes()
+    body = (
+        b'--XYZ\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + photo + b"\r\n--XYZ--\r\n"
+    )
+    headers = {"Content-Type": "Multipart/Form-Data; boundary=XYZ"}
+    r = client.post("/v1/segment?levels=0", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+
+
 def test_png_format_is_the_leaf_label_map(app, client):
     r = client.post("/v1/segment?format=png", content=GROUP.read_bytes())
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -135,6 +147,8 @@ def bomb_bytes(tmp_path: Path, width: int, height: int, rows: int | None, bit_de
         ("zlib bomb", 413, "Mpx"),
         ("over the 40 Mpx limit", 413, "over the 40 Mpx limit"),
         ("multipart without file", 400, "no field named 'file'"),
+        ("two file fields", 400, "2 fields named 'file'; send one"),
+        ("multipart/mixed", 415, "multipart/mixed: send multipart/form-data or the raw image"),
         ("unknown model", 404, "no model 'nobody'"),
         ("bad levels", 422, "out of range"),
         ("bad format", 422, "format"),
@@ -159,6 +173,11 @@ def test_bad_input_is_one_json_error(client, tmp_path, case, status, words):
         kwargs["content"] = bomb_bytes(tmp_path, 7_000, 7_000, rows=1)
     elif case == "multipart without file":
         kwargs["files"] = {"image": ("a.jpg", photo, "image/jpeg")}
+    elif case == "two file fields":  # which one is meant is unknowable
+        kwargs["files"] = [("file", ("a.jpg", photo, "image/jpeg")), ("file", ("b.txt", b"x", ""))]
+    elif case == "multipart/mixed":
+        kwargs["content"] = b"--XYZ\r\n\r\n" + photo + b"\r\n--XYZ--\r\n"
+        kwargs["headers"] = {"Content-Type": "multipart/mixed; boundary=XYZ"}
     elif case == "unknown model":
         url, kwargs["content"] = "/v1/segment?model=nobody", photo
     elif case == "bad levels":
@@ -392,6 +411,8 @@ def test_an_unexpected_failure_is_a_json_500_and_frees_its_slot(monkeypatch):
         (["--long-side", "8"], "--long-side must be between 32 and 4096"),
         (["--model", "nobody"], "nobody: no such model file and no bundled model"),
         (["--model", "person", "--model", "person"], "two models named 'person'"),
+        (["--api-key", "clé"], "API key must be printable ASCII"),  # curl sends UTF-8
+        (["--api-key", "s3cret "], "no space at either end"),  # HTTP strips it
     ],
 )
 def test_serve_command_refuses_bad_options_in_one_line(args, words):

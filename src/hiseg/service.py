@@ -215,11 +215,16 @@ def multipart_file(body: bytes, content_type: str) -> bytes:
         parser.finalize()
     except MultipartParseError as err:
         raise ApiError(400, f"malformed multipart body ({err})") from None
-    for headers, data in parts:
-        options = parse_options_header(headers.get(b"content-disposition", b""))[1]
-        if options.get(b"name") == b"file":
-            return bytes(data)
-    raise ApiError(400, "multipart body has no field named 'file'")
+    files = [
+        data
+        for headers, data in parts
+        if parse_options_header(headers.get(b"content-disposition", b""))[1].get(b"name") == b"file"
+    ]
+    if len(files) > 1:  # which one was meant is unknowable: never answer for the other
+        raise ApiError(400, f"multipart body has {len(files)} fields named 'file'; send one")
+    if not files:
+        raise ApiError(400, "multipart body has no field named 'file'")
+    return bytes(files[0])
 
 
 def sniff(data: bytes) -> str:
@@ -305,8 +310,19 @@ def segment(
 # -- the app --------------------------------------------------------------------------------------
 
 
+def check_api_key(key: str | None) -> None:
+    """Refuses a key no client could send: HTTP strips a header value's outer spaces, and
+    header bytes are read as Latin-1, so only printable ASCII arrives as it was typed."""
+    if key is not None and not (key.isascii() and key.isprintable() and key == key.strip()):
+        raise HisegError(
+            "the API key must be printable ASCII with no space at either end (HTTP headers "
+            "could not carry it as given)"
+        )
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The service for ``settings``: models are loaded here, before the first request."""
+    check_api_key(settings.api_key)
     models = load_models(settings)
     default = next(iter(models))
     gate = Gate(settings.workers, settings.queue)
@@ -420,8 +436,11 @@ def create_app(settings: Settings) -> FastAPI:
                 read_body(request, settings.max_upload_bytes), settings.timeout
             )
             content_type = request.headers.get("content-type", "")
-            if content_type.startswith("multipart/form-data"):
+            media_type = content_type.split(";")[0].strip().lower()  # case-insensitive (RFC 9110)
+            if media_type == "multipart/form-data":
                 body = multipart_file(body, content_type)
+            elif media_type.startswith("multipart/"):
+                raise ApiError(415, f"{media_type}: send multipart/form-data or the raw image")
             sniff(body)
             queued = time.perf_counter()
             job = gate.executor.submit(segment, chosen, body, wanted, format, settings.max_pixels)
