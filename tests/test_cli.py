@@ -224,6 +224,19 @@ def test_eval_and_bench_outputs_are_checked_first(tmp_path):
     one_error_line(cli("bench", "no-such.onnx", "--out", a_file / "b.md"), "--out")
 
 
+def test_eval_never_writes_into_the_dataset_it_scores(tiny_data, tmp_path):
+    """--json over a mask or the id list, or --report plots in a mask folder, would change the
+    data; refused before any work, and the files stay as they were."""
+    masks = tiny_data / "masks"
+    before = {p.name: p.read_bytes() for p in [*masks.iterdir(), tiny_data / "val.txt"]}
+    mask = masks / sorted(before)[0]
+    for option, path in [("--json", mask), ("--json", tiny_data / "val.txt"), ("--report", masks)]:
+        result = cli("eval", "--data", tiny_data, "-m", "person", option, path)
+        one_error_line(result, f"{option} {path}: inside the dataset {tiny_data}")
+    after = {p.name: p.read_bytes() for p in [*masks.iterdir(), tiny_data / "val.txt"]}
+    assert after == before
+
+
 def test_eval_says_what_an_option_needs_before_any_work(tmp_path, monkeypatch):
     data = tmp_path / "no-data"  # would be the error if the checks came later
     preds = tmp_path / "preds"
@@ -259,6 +272,20 @@ def test_bench_times_predict_on_the_given_photo(tmp_path):
     table = out.read_text()
     assert "48x40x3 photo -> 1x3x64x64" in table and f"--image {image}" in table
     one_error_line(cli("bench", *args, "--out", out, "--image", tmp_path / "none.png"), "none.png")
+    before = image.read_bytes()
+    one_error_line(cli("bench", *args, "--out", image, "--image", image), "is the --image")
+    assert image.read_bytes() == before
+
+
+def test_eval_of_an_empty_split_is_an_error_not_a_score(tiny_data, tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in ("images", "masks", "tree.yaml"):
+        (tmp_path / "data" / name).symlink_to(tiny_data / name)
+    (tmp_path / "data" / "val.txt").write_text("# no ids yet\n\n")
+    json_out = tmp_path / "scores.json"
+    result = cli("eval", "--data", tmp_path / "data", "-m", "person", "--json", json_out)
+    one_error_line(result, "split 'val' has no samples; nothing to score")
+    assert not json_out.exists()
 
 
 def test_consoles_are_wide_with_no_terminal_unless_columns_gives_a_width(monkeypatch):

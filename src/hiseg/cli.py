@@ -487,6 +487,10 @@ def evaluate(
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise fail(f"--pred-dir scores saved label maps: {', '.join(given)} {verb} to a model")
+    for option, output in (("--report", report), ("--json", json_out)):
+        if output is not None and output.resolve().is_relative_to(data.resolve()):
+            # a .json over a mask or an id list, plots in a mask folder: the data would change
+            raise fail(f"{option} {output}: inside the dataset {data}; write results elsewhere")
     for option, folder in (("--report", report), ("--save-pred", save_pred)):
         if folder is not None:
             writable_folder(folder, option)
@@ -494,6 +498,8 @@ def evaluate(
         writable_file(json_out, "--json")
     try:
         dataset = open_dataset(data, split, format)
+        if len(dataset) == 0:  # scores of nothing would be NaN, not a pass
+            raise fail(f"{data}: split '{split}' has no samples; nothing to score")
         if pred_dir is not None:
             with progress_bar(len(dataset), f"scoring {split}") as advance:
                 scores = score_prediction_dir(dataset, pred_dir, advance)
@@ -981,6 +987,8 @@ def bench_command(
     at_least("--runs", runs, 1)
     at_least("--warmup", warmup, 0)
     writable_file(out, "--out")
+    if image is not None and out.resolve() == image.resolve():
+        raise fail(f"--out {out}: is the --image being timed; write the table elsewhere")
     photo = as_rgb(image)[0] if image is not None else None
     rows = benchmark(model, long_sides, threads=threads, runs=runs, warmup=warmup, image=photo)
     table = Table(title=f"batch 1, {threads} thread(s), {runs} runs")
