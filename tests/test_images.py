@@ -234,6 +234,9 @@ def test_as_rgb_grey_alpha_and_paths(tmp_path):
         (np.full((4, 4, 3), 200, np.uint16), "ambiguous"),
         ([[1, 2], [3, 4]], "got a list"),
         (b"photo.jpg", "got a bytes"),
+        (Image.new("RGB", (0, 0)), r"PIL image: empty \(0x0\)"),  # was a ZeroDivisionError
+        (Image.new("RGB", (0, 10)), r"PIL image: empty \(0x10\)"),  # was a cv2.error
+        (Image.fromarray(np.full((4, 4), np.nan, np.float32)), "NaN"),  # was turned black
     ],
 )
 def test_as_rgb_refuses_with_what_is_expected(image, reason):
@@ -272,3 +275,12 @@ def test_a_pipe_is_refused_not_waited_on(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_float_tiff_of_nan_is_a_named_read_failure(tmp_path):
+    from hiseg.images import ImageReadError, read_image
+
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.full((5, 6), np.nan, np.float32)).save(path)
+    with pytest.raises(ImageReadError, match=r"nan\.tif: holds NaN or infinite values"):
+        read_image(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
+import hiseg
 from hiseg import pipeline
 from hiseg.errors import HisegError
-from hiseg.images import ImageReadError
+from hiseg.images import ImageInputError, ImageReadError
 from hiseg.pipeline import (
     Geometry,
     Probabilities,
@@ -432,6 +435,39 @@ def test_batch_equals_one_at_a_time_and_reports_bad_items(tmp_path):
         assert isinstance(many, Result)
         np.testing.assert_array_equal(one.labels, many.labels)
         np.testing.assert_allclose(one.probs, many.probs, atol=1e-6)
+
+
+def test_predict_batch_refuses_one_image_and_takes_any_iterable(tmp_path):
+    """A path would be read letter by letter, an (H, W, 3) array row by row: refused, saying
+    to use predict(); a generator of images is a batch like a list."""
+    model = predictor(global_context, batch_size=2)
+    image = ramp(61, 47)
+    for one in (str(tmp_path / "a.png"), tmp_path / "a.png", image, Image.fromarray(image)):
+        with pytest.raises(ImageInputError, match="use predict"):
+            model.predict_batch(one)
+    batch = model.predict_batch(im for im in [image, image, image])
+    assert len(batch) == 3 and all(isinstance(r, Result) for r in batch)
+
+
+def test_load_refuses_options_of_the_wrong_type_by_name():
+    """'no' is truthy and '2' < 1 a TypeError: each is a ModelError naming the option."""
+    for options, words in [
+        ({"flip": "no"}, "flip must be True or False, not 'no'"),
+        ({"accurate": "no"}, "accurate must be True or False"),
+        ({"tile": "no"}, "tile must be True or False"),
+        ({"threads": "2"}, "threads must be a whole number"),
+        ({"long_side": 100.5}, "long_side must be a whole number"),
+        ({"clean": 1.5}, "clean must be a whole number"),
+        ({"threads": True}, "threads must be a whole number"),
+        ({"scales": 1.0}, "scales must be a list"),
+        ({"scales": "1"}, "scales must be a list of numbers"),
+        ({"model": 123}, "model must be a list"),
+        ({"model": ""}, "model must be a bundled name, a file or a list of them"),
+    ]:
+        with pytest.raises(ModelError, match=re.escape(words)):
+            hiseg.load(**{"model": "person", **options})
+    model = hiseg.load("person", scales=np.array([1.0, 1.25]), threads=np.int64(1))
+    assert model.scales == (1.0, 1.25)
 
 
 def test_letterbox_keeps_the_aspect_ratio():

@@ -124,6 +124,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():  # NaN would turn black without a word
+            raise ValueError("holds NaN or infinite values")
         gray = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -153,7 +155,10 @@ def _upright_rgb(img: Image.Image, name: str | Path) -> np.ndarray:
         img = ImageOps.exif_transpose(img)
     except Exception as err:  # a broken EXIF block must not hide a readable image
         warnings.warn(f"{name}: EXIF orientation ignored ({err})", stacklevel=2)
-    return to_rgb(img)
+    try:
+        return to_rgb(img)
+    except ValueError as err:  # pixel values no image can hold (a float TIFF of NaN)
+        raise ImageReadError(name, str(err)) from None
 
 
 def as_rgb(image: ImageLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, Path | None]:
@@ -169,6 +174,8 @@ def as_rgb(image: ImageLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, 
         path = Path(image)
         return read_image(path, max_pixels), path
     if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ImageInputError(f"PIL image: empty ({image.width}x{image.height})")
         if image.width * image.height > max_pixels:
             reason = _over_limit(image.width, image.height, max_pixels)
             raise ImageInputError(f"PIL image: {reason}")

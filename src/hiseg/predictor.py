@@ -18,15 +18,17 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from hiseg.data import MIN_REGION_PIXELS, person_regions
 from hiseg.errors import HisegError
-from hiseg.images import ImageLike, as_rgb
+from hiseg.images import ImageInputError, ImageLike, as_rgb
 from hiseg.pipeline import (
     LONG_SIDE_RANGE,
     SCALE_RANGE,
@@ -458,6 +460,13 @@ class Predictor:
         that stopped it (an unreadable or missing file, an invalid array), so one bad input
         never loses the others. Check with ``isinstance(item, Result)``.
         """
+        if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
+            # a path would be read letter by letter, an (H, W, 3) array row by row
+            raise ImageInputError(
+                f"predict_batch takes a list of images, not one {type(images).__name__}; "
+                "use predict() for a single image"
+            )
+        images = list(images)
         out: list[Result | HisegError] = []
         for start in range(0, len(images), self.batch_size):
             read: list[tuple[np.ndarray, Path | None] | HisegError] = []
@@ -495,6 +504,13 @@ class Predictor:
         return results
 
 
+def _iterable(value: Any, option: str) -> list[Any]:
+    try:
+        return list(value)
+    except TypeError:
+        raise ModelError(f"{option} must be a list, not {value!r}") from None
+
+
 def load(
     model: str | Path | Sequence[str | Path] | None = None,
     backend: str = "auto",
@@ -514,13 +530,29 @@ def load(
     default part model +1.9 points of mIoU2 at about 6x the time, MODEL_CARD.md);
     it replaces ``flip`` and ``scales``, so giving either too is refused. ``flip``: average with
     the mirrored image (None: off)."""
+    switches: dict[str, Any] = {"flip": flip, "tile": tile, "zoom": zoom, "accurate": accurate}
+    for option, value in switches.items():
+        if value is not None and not isinstance(value, (bool, np.bool_)):  # 'no' is truthy
+            raise ModelError(f"{option} must be True or False, not {value!r}")
+    counts: dict[str, Any] = {"threads": threads, "long_side": long_side, "clean": clean}
+    for option, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+            raise ModelError(f"{option} must be a whole number, not {value!r}")
+    listed = [scales] if isinstance(scales, (str, bytes)) else _iterable(scales, "scales")
+    if not all(isinstance(s, Real) and not isinstance(s, bool) for s in listed):
+        raise ModelError(f"scales must be a list of numbers, e.g. (1.0, 1.25), not {scales!r}")
+    scales = tuple(float(s) for s in listed)
     if accurate:
         if tuple(scales) != (1.0,):
             raise ModelError(f"accurate sets the scales to {ACCURATE_SCALES}; got scales {scales}")
         if flip is not None:
             raise ModelError(f"accurate sets flip; got flip={flip}: give one or the other")
         flip, scales = True, ACCURATE_SCALES
-    names = [model] if model is None or isinstance(model, (str, Path)) else list(model)
+    single = model is None or isinstance(model, (str, Path))
+    names: list[Any] = [model] if single else _iterable(model, "model")
+    for name in names:
+        if name is not None and (not isinstance(name, (str, Path)) or not str(name)):
+            raise ModelError(f"model must be a bundled name, a file or a list of them: {name!r}")
     backends = [load_backend(name, backend, threads, memory_arena) for name in names]
     return Predictor(
         backends,
