@@ -169,6 +169,7 @@ def test_accurate_reaches_the_ray_actors(tmp_path, monkeypatch):
         (["export", "x.ckpt", "--long-side", "8"], "--long-side must be between 32 and 4096"),
         (["export", "x.ckpt", "--out", "x.ckpt"], "--out x.ckpt: is the checkpoint itself"),
         (["export", "model.onnx"], "--out model.onnx: is the checkpoint itself"),
+        (["export", "x.ckpt", "--out", "photo.jpg"], "--out photo.jpg: an ONNX model's name"),
     ],
 )
 def test_eval_bench_export_options_out_of_bounds(tmp_path, args, message):
@@ -539,3 +540,20 @@ def test_model_option_help_names_every_bundled_model(command):
         assert name in help_text
     # a default only where one applies: eval needs a model or --pred-dir, pseudo-label a teacher
     assert ("default pascal-person-part" in help_text) == (command == "predict")
+
+
+def test_export_checks_its_out_and_data_before_writing(tiny_checkpoint, tiny_data, tmp_path):
+    """A wrong --data or --split, or an --out under a file, is one line and no file is written
+    (the export used to be saved first)."""
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    out = tmp_path / "m.onnx"
+    for extra, words in [
+        (["--data", tmp_path / "nowhere"], "nowhere"),
+        (["--data", tiny_data, "--split", "nosuch"], "no split 'nosuch'"),
+    ]:
+        one_error_line(cli("export", tiny_checkpoint, "--out", out, *extra), words)
+        assert not out.exists()
+    one_error_line(
+        cli("export", tiny_checkpoint, "--out", a_file / "m.onnx"), f"{a_file} is a file"
+    )

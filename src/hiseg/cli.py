@@ -899,6 +899,13 @@ def export_command(
     out = out or checkpoint.with_suffix(".onnx")
     if out.resolve() == checkpoint.resolve():  # a checkpoint named .onnx, or --out CKPT
         raise fail(f"--out {out}: is the checkpoint itself; write the ONNX file elsewhere")
+    if out.suffix.lower() != ".onnx":  # a photo or a document would be replaced by a model
+        raise fail(f"--out {out}: an ONNX model's name ends in .onnx")
+    writable_file(out, "--out")
+    try:  # the data before the export: a wrong --data or --split writes nothing
+        val = open_dataset(data, split, format) if data is not None else None
+    except (DatasetError, TreeError) as err:
+        raise fail(str(err)) from None
     try:
         from hiseg.export import (
             VALIDATION_IMAGES,
@@ -914,10 +921,9 @@ def export_command(
     except (OSError, ValueError) as err:
         raise fail(str(err)) from None
     console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB, fp32)", highlight=False)
-    if data is None:
+    if val is None or data is None:
         return
     try:
-        val = open_dataset(data, split, format)
         calibration_split = "train" if "train" in dataset_splits(data, format) else split
         calibration = open_dataset(data, calibration_split, format)
         check = validate_export(checkpoint, out, sample_images(val, VALIDATION_IMAGES))
