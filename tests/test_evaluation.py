@@ -118,6 +118,22 @@ def test_size_bucket_map_charges_spill_to_the_nearest_person():
     assert sorted(size_bucket(s) for s in shares) == ["<1%", ">20%"]
 
 
+def test_a_mask_value_outside_the_tree_is_an_error_not_ignored(tiny_data, tmp_path):
+    """As --pred-dir already said: a mask holding values the tree does not know is wrong data,
+    named with its file, not pixels quietly left out of the score."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    dataset = open_dataset(data, "val")
+    mask = dataset.samples[1].mask_path
+    labels = np.asarray(Image.open(mask)).copy()
+    labels[:3, :3] = 77
+    Image.fromarray(labels).save(mask)
+    with pytest.raises(EvaluationError, match=r"ground-truth values \[77\] are not in tree"):
+        evaluate_model(hiseg.load("pascal-person-part", long_side=64), open_dataset(data, "val"))
+
+
 def test_evaluate_model_and_report(predictor, tiny_data, tmp_path):
     from hiseg.report import write_report
 

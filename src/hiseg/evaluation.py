@@ -221,9 +221,16 @@ def evaluate_model(
     kept: list[tuple[float, int, Example]] = []  # max-heap on mIoU via negation
     for i, sample in enumerate(dataset.samples[:limit]):
         try:
-            image, target = dataset.read(sample)
+            image, target = dataset.read(sample)  # reads values outside the tree as ignored
+            unknown = dataset.tree.unknown_values(read_mask(sample.mask_path or ""))
         except ImageReadError as err:
             raise EvaluationError(str(err)) from None
+        if unknown:  # scored as ignored, they would leave wrong masks unnoticed
+            raise EvaluationError(
+                f"{sample.mask_path}: ground-truth values {unknown} are not in tree "
+                f"'{dataset.tree.name}' (leaf values: {dataset.tree.values}); "
+                "`hiseg data check` lists every such mask"
+            )
         pred = predictor.predict(image).labels
         target, pred = target_labels(target), pred_labels(pred)
         if save_dir is not None:
