@@ -373,6 +373,34 @@ def test_requests_beyond_workers_and_queue_get_503_with_retry_after(monkeypatch)
         assert after[0][0] == 200
 
 
+def test_a_stalled_upload_holds_no_slot_and_gets_504(monkeypatch):
+    """A client that sends part of its body and stops must not lock out the others: the only
+    slot stays free for a whole request, and the stalled one ends at the timeout."""
+    import socket
+
+    app = person_app(workers=1, queue=0, timeout=2)
+    photo = ASTRONAUT.read_bytes()
+    with live_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = socket.create_connection((host, int(port)))
+        stalled.sendall(
+            b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabcd"
+        )
+        time.sleep(0.3)  # the server is now reading it
+        assert app.state.gate.admitted == 0
+        answers: list = []
+        post(f"{url}/v1/segment?levels=0", photo, answers)
+        assert answers[0][0] == 200, answers
+        stalled.settimeout(10)
+        reply = ""
+        while "}" not in reply:  # the headers and the JSON body may come in two pieces
+            piece = stalled.recv(4096).decode()
+            assert piece, reply
+            reply += piece
+        stalled.close()
+        assert reply.startswith("HTTP/1.1 504") and "upload not received within 2 s" in reply
+
+
 def test_a_request_past_its_timeout_gets_504_and_its_slot_comes_back(monkeypatch):
     app = person_app(workers=1, queue=0, timeout=0.5)
     release = threading.Event()

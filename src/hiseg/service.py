@@ -4,7 +4,8 @@ Each model is loaded once at startup (one ONNX Runtime session, whose ``run`` is
 Inference runs on a fixed pool of ``workers`` threads (one per two cores); at most ``queue``
 more requests wait for one, and any beyond get 503 with ``Retry-After`` at once, so overload
 shows as fast refusals instead of growing memory and latency. Uploads are read from the request
-stream into memory, never spooled to disk, and refused with 413 as soon as they pass the limit.
+stream into memory, never spooled to disk, and refused with 413 as soon as they pass the limit;
+an upload is read whole before it takes a slot, so slow clients cannot hold the workers.
 Every error is JSON: ``{"error": "<one line>"}``.
 """
 
@@ -427,21 +428,26 @@ def create_app(settings: Settings) -> FastAPI:
         if chosen is None:
             raise ApiError(404, f"no model '{model}' (serving: {', '.join(models)})")
         wanted = parse_levels(levels, chosen.predictor.tree.num_levels)
-        if not gate.admit():
-            raise ApiError(503, "busy: every worker and queue slot is taken", {"Retry-After": "1"})
         start = time.perf_counter()
-        submitted = False
+        # The upload is read before a slot is taken: a slow or stalled client holds only its
+        # connection (uvicorn's limit bounds them), never a worker or queue slot.
         try:
             body = await asyncio.wait_for(
                 read_body(request, settings.max_upload_bytes), settings.timeout
             )
-            content_type = request.headers.get("content-type", "")
-            media_type = content_type.split(";")[0].strip().lower()  # case-insensitive (RFC 9110)
-            if media_type == "multipart/form-data":
-                body = multipart_file(body, content_type)
-            elif media_type.startswith("multipart/"):
-                raise ApiError(415, f"{media_type}: send multipart/form-data or the raw image")
-            sniff(body)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"upload not received within {settings.timeout:g} s") from None
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()  # case-insensitive (RFC 9110)
+        if media_type == "multipart/form-data":
+            body = multipart_file(body, content_type)
+        elif media_type.startswith("multipart/"):
+            raise ApiError(415, f"{media_type}: send multipart/form-data or the raw image")
+        sniff(body)
+        if not gate.admit():
+            raise ApiError(503, "busy: every worker and queue slot is taken", {"Retry-After": "1"})
+        submitted = False
+        try:
             queued = time.perf_counter()
             job = gate.executor.submit(segment, chosen, body, wanted, format, settings.max_pixels)
             job.add_done_callback(gate.release)
