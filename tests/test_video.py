@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import hiseg
 from hiseg.cli import app
+from hiseg.images import ImageReadError
 from hiseg.pipeline import Geometry, Probabilities
 from hiseg.runner import Saver, Source, run
 from hiseg.video import (
@@ -137,6 +138,24 @@ def video_frames(path: Path) -> list[np.ndarray]:
         if not ok:
             return out
         out.append(frame)
+
+
+def test_a_video_cut_short_is_a_failure_not_a_shorter_result(predictor, tmp_path):
+    """A file declaring 10 frames whose data ends after 5 fails, naming the frame, and leaves
+    no overlay video: it was saved as if whole (exit 0)."""
+    whole, cut = tmp_path / "whole.avi", tmp_path / "cut.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter.fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(10):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    data = whole.read_bytes()
+    chunks = [i for i in range(len(data)) if data.startswith(b"00dc", i)]  # the header's, then
+    cut.write_bytes(data[: chunks[6]])  # frames 1-5 kept; the header still declares 10
+    out = tmp_path / "out.mp4"
+    with pytest.raises(ImageReadError, match=r"cut.avi: frame \d of 10 cannot be read"):
+        segment_video(predictor, Source("video", cut), out)
+    segment_video(predictor, Source("video", whole), out)  # the whole file is fine
+    assert len(video_frames(out)) == 10
 
 
 def test_pipelined_video_gives_the_frames_of_a_sequential_run(predictor, clip, tmp_path):

@@ -317,6 +317,11 @@ def segment_video(
                 progress(n, count)
             if (max_frames and n >= max_frames) or (stop and stop.signum):
                 break
+        else:  # the stream ended by itself: a damaged or cut file ends early
+            if n < count - max(1, count // 50):  # containers may estimate the count a little
+                raise ImageReadError(
+                    str(source), f"frame {n + 1} of {count} cannot be read (damaged or cut file)"
+                )
     except BaseException:
         output.abandon()
         raise
