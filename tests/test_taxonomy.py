@@ -127,6 +127,24 @@ def test_nested_and_flat_yaml_give_the_same_tree(tmp_path):
         ([{"name": "background", "value": 0, "color": 5}], "color must be three whole"),
         ([{"name": "background", "value": 0, "color": ["a", 0, 0]}], "color must be three"),
         ([{"name": "background", "value": 0}, {"name": "x", "value": 1, "parent": [1]}], "parent"),
+        # a parent cycle never reaches the root: its nodes vanished and the tree was background
+        (
+            [
+                {"name": "background", "value": 0},
+                {"name": "a", "parent": "b"},
+                {"name": "b", "parent": "a"},
+                {"name": "leaf", "value": 1, "parent": "a"},
+            ],
+            "parent cycle (a -> b -> a|b -> a -> b)",
+        ),
+        ([{"name": "background", "value": 0}, {"name": "a", "value": 1, "parent": "a"}], "a -> a"),
+        (
+            [
+                {"name": "background", "value": 0},
+                {"name": "p", "children": [{"name": "c", "value": 1, "parent": "background"}]},
+            ],
+            "node 'c' is nested under 'p' and names parent 'background'; give one",
+        ),
     ],
 )
 def test_invalid_trees_name_the_fault(tmp_path, nodes, message):

@@ -121,8 +121,13 @@ class Tree:
             _collect_nodes(item, None, flat, source)
         by_name = {node.name: node for node, _ in flat}
         for node, parent_name in flat:
-            if node.parent is not None:
-                continue  # nested under its parent already
+            if node.parent is not None:  # nested under its parent already
+                if parent_name is not None:
+                    raise TreeError(
+                        f"{source}: node '{node.name}' is nested under '{node.parent.name}' "
+                        f"and names parent '{parent_name}'; give one"
+                    )
+                continue
             if parent_name is None:
                 node.parent = root
             elif parent_name not in by_name:
@@ -130,6 +135,13 @@ class Tree:
             else:
                 node.parent = by_name[parent_name]
             node.parent.children.append(node)
+        for node, _ in flat:  # a parent cycle never reaches the root: its nodes would vanish
+            chain = [node]
+            while chain[-1].parent is not None and chain[-1].parent is not root:
+                chain.append(chain[-1].parent)
+                if chain[-1] in chain[:-1]:
+                    loop = " -> ".join(n.name for n in chain[chain.index(chain[-1]) :])
+                    raise TreeError(f"{source}: parent cycle {loop}")
         value_map = _value_map(spec.get("value_map") or {}, source)
         try:
             return cls(str(spec.get("name", Path(source).stem)), root, value_map)
