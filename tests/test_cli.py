@@ -278,6 +278,19 @@ def test_bench_times_predict_on_the_given_photo(tmp_path):
     assert image.read_bytes() == before
 
 
+def test_data_stats_checks_its_out_first_and_never_writes_into_the_dataset(tiny_data, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    before = sorted(p.name for p in (tiny_data / "masks").iterdir())
+    one_error_line(
+        cli("data", "stats", tiny_data, "--out", tiny_data / "masks"), "inside the dataset"
+    )
+    assert sorted(p.name for p in (tiny_data / "masks").iterdir()) == before
+    one_error_line(  # before reading anything (it was after, as an [Errno 17])
+        cli("data", "stats", tmp_path / "no-data", "--out", a_file), "is a file, not a folder"
+    )
+
+
 def test_eval_of_an_empty_split_is_an_error_not_a_score(tiny_data, tmp_path):
     (tmp_path / "data").mkdir()
     for name in ("images", "masks", "tree.yaml"):

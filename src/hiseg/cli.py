@@ -210,6 +210,13 @@ def data_check(
         raise fail(f"{path}: nothing to check (no samples)", code=1)
 
 
+def refuse_inside_dataset(option: str, output: Path, data: Path) -> None:
+    """Results never go among the data they describe: a .json over a mask or an id list, or
+    plots in a mask folder (read as masks next time), would change the data."""
+    if output.resolve().is_relative_to(data.resolve()):
+        raise fail(f"{option} {output}: inside the dataset {data}; write results elsewhere")
+
+
 @data_app.command("stats")
 def data_stats(
     path: Path = typer.Argument(..., help="Dataset folder."),
@@ -218,6 +225,8 @@ def data_stats(
     out: Path = typer.Option(Path("runs/stats"), help="Folder for the PNG and JSON."),
 ) -> None:
     """Image sizes, pixel share per node per level, and person sizes, as tables and a PNG."""
+    refuse_inside_dataset("--out", out, path)
+    writable_folder(out, "--out")
     for dataset in _datasets(path, split, format):
         name = dataset.split
         if not len(dataset):
@@ -227,7 +236,6 @@ def data_stats(
         summary = stats.to_dict()
         _print_stats(f"{path.name} / {name}", summary)
         stem = out / f"{path.resolve().name}_{name}"
-        out.mkdir(parents=True, exist_ok=True)
         publish(Path(f"{stem}.json"), json_writer(summary))
         try:
             png = stats.plot(f"{stem}.png")
@@ -488,9 +496,8 @@ def evaluate(
             verb = "applies" if len(given) == 1 else "apply"
             raise fail(f"--pred-dir scores saved label maps: {', '.join(given)} {verb} to a model")
     for option, output in (("--report", report), ("--json", json_out)):
-        if output is not None and output.resolve().is_relative_to(data.resolve()):
-            # a .json over a mask or an id list, plots in a mask folder: the data would change
-            raise fail(f"{option} {output}: inside the dataset {data}; write results elsewhere")
+        if output is not None:
+            refuse_inside_dataset(option, output, data)
     for option, folder in (("--report", report), ("--save-pred", save_pred)):
         if folder is not None:
             writable_folder(folder, option)
