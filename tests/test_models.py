@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ torch = pytest.importorskip("torch", reason="hiseg.models needs the 'train' extr
 pytest.importorskip("segmentation_models_pytorch", reason="needs the 'train' extra")
 timm = pytest.importorskip("timm", reason="needs the 'train' extra")
 
+import hiseg  # noqa: E402
 from hiseg import models  # noqa: E402
 from hiseg.models import (  # noqa: E402
     ARCHITECTURES,
@@ -279,11 +281,17 @@ def test_a_checkpoint_that_would_run_code_is_refused(tree, tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"not a checkpoint", "not a readable checkpoint"), (None, "no such checkpoint")],
+    [
+        (b"not a checkpoint", "not a readable checkpoint"),
+        (None, "no such checkpoint"),
+        ("onnx", "an ONNX model, not a checkpoint; this needs the .ckpt from `hiseg train`"),
+    ],
 )
 def test_unreadable_checkpoints_are_one_clear_error(tmp_path, content, reason):
     path = tmp_path / "bad.ckpt"
-    if content is not None:
+    if content == "onnx":  # e.g. `hiseg export model.onnx`, or --backend torch on one
+        path = Path(hiseg.__file__).parent / "weights" / "person.onnx"
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(models.ModelError, match=reason):
         models.load_checkpoint(path)

@@ -219,6 +219,11 @@ def load_checkpoint(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such checkpoint")
+    if path.suffix.lower() == ".onnx":  # torch would say "Unsupported operand 8"
+        raise ModelError(
+            f"{path}: an ONNX model, not a checkpoint; this needs the .ckpt from `hiseg train` "
+            "(the onnx backend runs .onnx files)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
