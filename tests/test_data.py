@@ -108,6 +108,17 @@ def test_folder_format_with_its_own_tree(tmp_path):
     assert "label values [4]" in problems[0].reason
 
 
+def test_an_id_with_neither_image_nor_mask_is_said_in_words(tmp_path):
+    """Not "its mask is None": a listed id with no files says both are missing."""
+    root = make_folder_dataset(tmp_path / "data")
+    ids = (root / "val.txt").read_text().split()
+    (root / "val.txt").write_text("\n".join([*ids, "ghost"]) + "\n")
+    problems = check_dataset(open_dataset(root, "val"))
+    reasons = [p.reason for p in problems if "ghost" in str(p.path)]
+    assert "image for 'ghost' is missing (no mask either)" in reasons, reasons
+    assert not any("None" in p.reason for p in problems)
+
+
 def test_stats_on_real_val(pascal_root, tmp_path):
     stats = dataset_stats(open_dataset(pascal_root, "val"))
     summary = stats.to_dict()

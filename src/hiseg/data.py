@@ -115,7 +115,8 @@ class Dataset:
         return None
 
     def _missing_image_reason(self, sample: Sample) -> str:
-        return f"image for '{sample.id}' is missing (its mask is {sample.mask_path})"
+        mask = f"its mask is {sample.mask_path}" if sample.mask_path else "no mask either"
+        return f"image for '{sample.id}' is missing ({mask})"
 
     # Shared behaviour.
     def __len__(self) -> int:
